@@ -1,0 +1,1 @@
+"""DINO image-similarity demo: retrieval, region search and patch matching."""

@@ -1,0 +1,144 @@
+"""The one place where bytes, paths and arrays become RGB PIL images.
+
+Handles EXIF orientation, every common mode (palette, alpha, CMYK, 16-bit, float, grayscale),
+animated files (first frame) and refuses decompression bombs before decoding pixels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 5,700 photo; larger is refused before decoding
+DEFAULT_MAX_BYTES = 25 * 1024 * 1024
+
+ImageSource = Union[bytes, bytearray, str, Path, np.ndarray, Image.Image, dict]
+
+# PIL's own bomb check warns, then raises at twice its limit; ours runs first with a clear message.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(UserError):
+    """An input that cannot be turned into an image; the message says why and what to do."""
+
+    def __init__(self, message: str, reason: str = "unreadable image"):
+        super().__init__(message)
+        self.reason = reason  # a short name to count skipped rows by
+
+
+def load_image(
+    source: ImageSource,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Image.Image:
+    """Return an RGB image from bytes, a file path, an array, a PIL image or a datasets image dict."""
+    if isinstance(source, dict):  # datasets' undecoded Image feature: {"bytes": ..., "path": ...}
+        source = source.get("bytes") or source.get("path")
+    if source is None:
+        raise ImageError("No image was given.", reason="missing image")
+    if isinstance(source, np.ndarray):
+        source = _from_array(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels)
+        return to_rgb(source)
+    return to_rgb(_open(source, max_pixels, max_bytes))
+
+
+def _open(source, max_pixels: int, max_bytes: int) -> Image.Image:
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"No image file at {path}.")
+        size = path.stat().st_size
+        fp = path
+    else:
+        size = len(source)
+        fp = io.BytesIO(source)
+    if size == 0:
+        raise ImageError("The file is empty; please upload an image (JPEG, PNG, WebP, GIF, ...).")
+    if size > max_bytes:
+        raise ImageError(
+            f"The file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB. "
+            "Please upload a smaller image.",
+            reason="too large",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(fp)
+            _check_pixels(image.size, max_pixels)
+            image.seek(0)  # animated images: the first frame
+            image.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(
+            "This file is not an image Pillow can read; please upload a JPEG, PNG, WebP or GIF."
+        ) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"The image could not be decoded ({e}); it may be truncated or corrupt.") from None
+    return image
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageError(f"The image has no pixels ({w}x{h}).")
+    if w * h > max_pixels:
+        raise ImageError(
+            f"The image is {w}x{h} = {w * h / 1e6:.0f} megapixels; the limit is "
+            f"{max_pixels / 1e6:.0f}. Please resize it first.",
+            reason="too large",
+        )
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f"An image array must be HxW, HxWx3 or HxWx4, not {array.shape}.")
+    if array.dtype != np.uint8:
+        array = _scale_to_uint8(array.astype(np.float64))
+    return Image.fromarray(array)
+
+
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Stretch any numeric range (16-bit, float) to 0..255; a constant image becomes mid-grey."""
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    if 0.0 <= lo and hi <= 1.0 and hi > 0:
+        lo, hi = 0.0, 1.0  # floats in 0..1
+    elif lo >= 0 and hi <= 65535 and hi > 255:
+        lo, hi = 0.0, 65535.0  # 16-bit
+    if hi <= lo:
+        return np.full(values.shape, 128, np.uint8)
+    scaled = (np.nan_to_num(values, nan=lo) - lo) * (255.0 / (hi - lo))
+    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any mode to RGB; transparency is composited on white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        image = Image.fromarray(_scale_to_uint8(np.asarray(image, dtype=np.float64)))
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def make_thumbnail(image: Image.Image, max_side: int, quality: int = 80) -> bytes:
+    """JPEG bytes of the image shrunk so its longer side is at most `max_side`."""
+    thumb = image.copy()
+    thumb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    thumb.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

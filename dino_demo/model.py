@@ -1,0 +1,229 @@
+"""Load a DINO / DINOv2 backbone by hub id or local folder and turn images into features.
+
+Every image is resized (bicubic, aspect ratio not kept) to a square `input_size` x `input_size`
+input, so each image gives the same patch grid (gh x gw) and a patch index means the same
+thing for every image in an index. Patch (r, c) then covers exactly the rectangle
+[c*W/gw, (c+1)*W/gw) x [r*H/gh, (r+1)*H/gh) of the original W x H image: the boxes tile it
+with no gap or overlap, whatever its aspect ratio. DINO features are robust to this stretch;
+cropping (the processors' default for DINOv2) would drop content a user may box.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .hub import require_hub
+
+DEFAULT_MODEL = "facebook/dinov2-small"
+KNOWN_MODELS = (
+    "facebook/dinov2-small", "facebook/dinov2-base",
+    "facebook/dinov2-with-registers-small", "facebook/dinov2-with-registers-base",
+    "facebook/dino-vits16", "facebook/dino-vits8", "facebook/dino-vitb16", "facebook/dino-vitb8",
+)
+
+
+class ModelLoadError(UserError):
+    """The model could not be loaded; the message says how to point at a local copy."""
+
+
+@dataclass
+class Features:
+    """What the backbone says about a batch of images."""
+
+    cls: np.ndarray  # (n, d) float32, L2-normalised: one vector per image
+    patches: np.ndarray  # (n, gh*gw, d) float32, L2-normalised, row-major over the grid
+    grid: tuple[int, int]  # (gh, gw)
+    sizes: list[tuple[int, int]]  # original (width, height) of each image
+
+    def patch_boxes(self, i: int) -> np.ndarray:
+        """(gh*gw, 4) boxes of image i's patches in its original pixels."""
+        return patch_boxes(self.sizes[i], self.grid)
+
+
+def patch_boxes(size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
+    """(gh*gw, 4) float32 boxes (x0, y0, x1, y1), row-major, tiling a `size` = (w, h) image exactly."""
+    (w, h), (gh, gw) = size, grid
+    xs = np.arange(gw + 1, dtype=np.float64) * (w / gw)
+    ys = np.arange(gh + 1, dtype=np.float64) * (h / gh)
+    x0, y0 = np.meshgrid(xs[:-1], ys[:-1])
+    x1, y1 = np.meshgrid(xs[1:], ys[1:])
+    return np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4).astype(np.float32)
+
+
+def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
+    """(S, S, 3) uint8 model input: the RGB image resized to the square input size.
+
+    Kept free of torch so decoding workers can run it in parallel.
+    """
+    return np.array(image.resize((input_size, input_size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def pick_device(device: str = "auto") -> str:
+    """'cuda' when there is a GPU, else 'mps' on Apple silicon, else 'cpu'; or the one asked for."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _load_pretrained(model_id: str, revision: str | None):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the pooler's "newly initialised" report is noise here
+    hf_logging.disable_progress_bar()
+    local = Path(model_id).expanduser()
+    if local.is_dir():
+        source, kwargs = str(local), {}
+    else:
+        source, kwargs = model_id, {"revision": revision}
+        try:  # a cached copy needs no network
+            return _from_pretrained(source, dict(kwargs, local_files_only=True))
+        except OSError:
+            require_hub(
+                f"model '{model_id}'",
+                f"download it where there is internet (`hf download {model_id} --local-dir "
+                f"models/{model_id.split('/')[-1]}`) and pass that folder as --model.",
+            )
+    try:
+        return _from_pretrained(source, kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"Could not load model '{model_id}': {first} Pass a hub id such as "
+            f"{DEFAULT_MODEL} or a folder holding config.json and the weights."
+        ) from None
+
+
+def _from_pretrained(source: str, kwargs: dict):
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+    model = AutoModel.from_pretrained(source, attn_implementation="sdpa", **kwargs, **extra)
+    processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+    return model, processor
+
+
+class Embedder:
+    """Images in, L2-normalised CLS and patch features out, in batches, on cuda / mps / cpu.
+
+    On a GPU the model runs in bfloat16 (features are returned as float32).
+    """
+
+    def __init__(
+        self,
+        model_id: str = DEFAULT_MODEL,
+        device: str = "auto",
+        input_size: int | None = None,
+        batch_size: int = 32,
+        revision: str | None = None,
+        bf16: bool | None = None,
+    ):
+        self.model_id, self.revision = model_id, revision
+        self.device = pick_device(device)
+        model, processor = _load_pretrained(model_id, revision)
+        config = model.config
+        self.patch_size: int = int(config.patch_size)
+        self.input_size: int = int(input_size or _processor_size(processor) or config.image_size)
+        if self.input_size % self.patch_size:
+            raise UserError(
+                f"Input size {self.input_size} is not a multiple of the patch size {self.patch_size}."
+            )
+        self.dim: int = int(config.hidden_size)
+        side = self.input_size // self.patch_size
+        self.grid: tuple[int, int] = (side, side)
+        self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.model_type = config.model_type
+        self.batch_size = batch_size
+        use_bf16 = self.device == "cuda" if bf16 is None else bf16
+        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
+        self.model = model.to(self.device, self.dtype).eval()
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._mean, self._std = mean.to(self.device), std.to(self.device)
+        self._interpolate = {"interpolate_pos_encoding": True} if self.model_type == "vit" else {}
+        self._lock = threading.Lock()  # one forward at a time; attention() switches the kernel
+
+    @property
+    def patches_per_image(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    def describe(self) -> dict:
+        """The facts an index records so it is only ever searched with a matching model."""
+        return {
+            "id": self.model_id, "revision": self.revision, "type": self.model_type,
+            "input_size": self.input_size, "patch_size": self.patch_size,
+            "dim": self.dim, "grid": list(self.grid),
+        }
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        return prepare_image(image, self.input_size)
+
+    def embed(self, images: list[Image.Image]) -> Features:
+        """Features of RGB images of any size, computed `batch_size` at a time."""
+        parts = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            arrays = np.stack([self.prepare(im) for im in chunk])
+            parts.append(self.embed_prepared(arrays, [im.size for im in chunk]))
+        if not parts:
+            raise ValueError("embed() needs at least one image")
+        return Features(
+            cls=np.concatenate([p.cls for p in parts]),
+            patches=np.concatenate([p.patches for p in parts]),
+            grid=self.grid,
+            sizes=[s for p in parts for s in p.sizes],
+        )
+
+    @torch.inference_mode()
+    def embed_prepared(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> Features:
+        """Features of a (n, S, S, 3) uint8 batch made by `prepare`; `sizes` are the originals."""
+        with self._lock:
+            hidden = self.model(pixel_values=self._to_input(pixels), **self._interpolate).last_hidden_state
+        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
+        cls = hidden[:, 0]
+        patches = hidden[:, self.num_prefix_tokens :]
+        return Features(
+            cls=cls.cpu().numpy(), patches=patches.cpu().numpy(), grid=self.grid, sizes=list(sizes)
+        )
+
+    def _to_input(self, pixels: np.ndarray) -> torch.Tensor:
+        # Normalise on the device: workers ship compact uint8, the GPU does the float work.
+        x = torch.from_numpy(np.require(pixels, np.uint8, ['C', 'W'])).to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - self._mean) / self._std).to(self.dtype)
+
+    @torch.inference_mode()
+    def attention(self, image: Image.Image) -> np.ndarray:
+        """(heads, gh, gw) float32: how much the last layer's CLS token attends to each patch."""
+        pixels = self._to_input(self.prepare(image)[None])
+        with self._lock:
+            self.model.set_attn_implementation("eager")  # SDPA does not return attention weights
+            try:
+                out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
+            finally:
+                self.model.set_attn_implementation("sdpa")
+        last = out.attentions[-1][0, :, 0, self.num_prefix_tokens :].float()
+        return last.reshape(-1, *self.grid).cpu().numpy()
+
+
+def _processor_size(processor) -> int | None:
+    """The square side the processor would feed the model (its crop size when it crops)."""
+    for name in ("crop_size", "size"):
+        size = getattr(processor, name, None)
+        if size is None or (name == "crop_size" and not getattr(processor, "do_center_crop", False)):
+            continue
+        get = size.get if isinstance(size, dict) else lambda k, s=size: getattr(s, k, None)
+        side = get("height") or get("shortest_edge")
+        if side:
+            return int(side)
+    return None

@@ -1,0 +1,86 @@
+"""`python -m index_builder`: turn a Hugging Face `datasets` collection into an index folder."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dino_demo.errors import UserError
+from dino_demo.model import DEFAULT_MODEL, KNOWN_MODELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m index_builder",
+        description="Build a DINO image index folder from a Hugging Face datasets collection. "
+        "Rerun the same command after an interruption to resume.",
+    )
+    p.add_argument("--dataset", required=True, help="hub id ORG/NAME, a local image or parquet folder, or a .parquet file")
+    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument("--image-column", help="column holding the images (default: the first image column)")
+    p.add_argument("--label-column", help="column with a label or caption to show (default: label/caption if present)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL}; also {', '.join(KNOWN_MODELS[1:])})")
+    p.add_argument("--out", required=True, help="index folder to write (resumed if a build there was interrupted)")
+    p.add_argument("--limit", type=int, help="index at most the first N rows")
+    p.add_argument("--batch-size", type=int, default=64, help="images per model batch (default 64)")
+    p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best there is)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image-decoding processes (0: decode in the main process)")
+    p.add_argument("--streaming", action="store_true", help="read the dataset as a stream instead of downloading it first")
+    p.add_argument("--skip-faces", action=argparse.BooleanOptionalAction, default=True, help="leave out photos of people (default: on)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk (default 1024)")
+    p.add_argument("--thumb-size", type=int, default=256, help="longer side of stored thumbnails in pixels (default 256)")
+    p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: rerun the same command to resume the build in {args.out}", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from dino_demo.model import Embedder
+
+    from .build import BuildOptions, build_index
+    from .source import open_source
+
+    options = BuildOptions(
+        batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
+        thumb_size=args.thumb_size, skip_faces=args.skip_faces, limit=args.limit,
+    )
+    source = open_source(args.dataset, args.split, args.image_column, args.label_column, args.streaming)
+    embedder = Embedder(args.model, device=args.device, input_size=args.input_size, batch_size=args.batch_size)
+    total = source.num_rows if args.limit is None else min(args.limit, source.num_rows or args.limit)
+    print(f"indexing {args.dataset} [{args.split}] with {args.model} on {embedder.device} into {args.out}", file=sys.stderr)
+    skipped = {}
+    with tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True) as bar:
+        def progress(decoded) -> None:
+            if bar.n == 0 and decoded.first_row > 0:  # resumed: start where earlier runs stopped
+                bar.n = bar.last_print_n = decoded.first_row
+            for reason, n in decoded.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+            bar.update(decoded.last_row + 1 - bar.n)
+            if skipped:
+                bar.set_postfix(skipped=sum(skipped.values()))
+
+        report = build_index(source, embedder, args.out, options, progress)
+    rate = (report.rows_this_run / report.seconds) if report.seconds else 0.0
+    resumed = f", resumed at row {report.resumed_from}" if report.resumed_from else ""
+    print(f"indexed {report.indexed} images into {args.out} in {report.seconds:.1f}s "
+          f"({rate:.1f} images/s this run{resumed})", file=sys.stderr)
+    if report.skipped:
+        print("skipped: " + ", ".join(f"{n} {r}" for r, n in report.skipped.most_common()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
