@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random DINO-shaped models saved to disk, generated images, no network."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
+os.environ.setdefault("GLOG_minloglevel", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_tiny_model(folder: Path, kind: str = "vit") -> Path:
+    """Save a small random model of the given family, with its image processor, to `folder`."""
+    import torch
+    from transformers import (BitImageProcessor, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel, ViTConfig, ViTImageProcessor, ViTModel)
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    if kind == "vit":
+        model = ViTModel(ViTConfig(**common, intermediate_size=64, image_size=64, patch_size=16), add_pooling_layer=False)
+        processor = ViTImageProcessor(size={"height": 64, "width": 64})
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common, mlp_ratio=2, image_size=56, patch_size=14))
+        processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, do_center_crop=True)
+    elif kind == "dinov2-registers":
+        config = Dinov2WithRegistersConfig(**common, mlp_ratio=2, image_size=56, patch_size=14, num_register_tokens=4)
+        model = Dinov2WithRegistersModel(config)
+        processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, do_center_crop=True)
+    else:
+        raise ValueError(kind)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dino-vit", "vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dinov2", "dinov2")
+
+
+@pytest.fixture(scope="session")
+def tiny_registers(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dinov2-reg", "dinov2-registers")
+
+
+@pytest.fixture(scope="session")
+def embedder(tiny_vit):
+    from dino_demo.model import Embedder
+
+    return Embedder(str(tiny_vit), device="cpu", batch_size=8)
+
+
+def make_image(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A distinct picture per seed: a noisy background with a few coloured shapes."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((w, h), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+        x1, y1 = x0 + int(rng.integers(6, w // 2)), y0 + int(rng.integers(6, h // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    return image
+
+
+def write_imagefolder(folder: Path, count: int, sizes=((96, 72), (64, 64), (50, 120))) -> Path:
+    """`count` generated JPEGs plus a metadata.csv of labels, readable by datasets' imagefolder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["file_name,label"]
+    for i in range(count):
+        make_image(i, sizes[i % len(sizes)]).save(folder / f"img{i:03d}.jpg", quality=92)
+        lines.append(f"img{i:03d}.jpg,picture {i}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_imagefolder(tmp_path / "images", 12)

@@ -1,0 +1,137 @@
+import io
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from conftest import ROOT, make_image, write_imagefolder
+from dino_demo.index import load_index
+from dino_demo.search import search_image, search_region
+from index_builder.build import BuildOptions, build_index
+from index_builder.source import open_source
+
+
+def build(folder, embedder, out, **options):
+    source = open_source(str(folder))
+    return build_index(source, embedder, str(out), BuildOptions(workers=0, skip_faces=False, **options))
+
+
+def test_each_indexed_image_finds_itself_at_rank_one(image_folder, embedder, tmp_path):
+    report = build(image_folder, embedder, tmp_path / "idx", batch_size=5, chunk_size=4, thumb_size=32)
+    index = load_index(tmp_path / "idx", embedder.describe())
+    assert report.indexed == index.count == 12
+    for image_id in range(index.count):
+        row = index.row(image_id)
+        image = make_image(row["source_row"], (row["width"], row["height"]))
+        features = embedder.embed([image])
+        hit = search_image(index, features, k=1)[0]
+        assert hit.id == image_id and hit.score > 0.99  # JPEG round trip: not exactly 1
+        whole = (0, 0, row["width"], row["height"])
+        assert search_region(index, features, whole, k=1)[0].id == image_id
+    assert index.row(3)["label"] == "picture 3"
+    assert max(Image_size(index.row(0)["thumbnail"])) == 32
+
+
+def Image_size(jpeg: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(jpeg)).size
+
+
+def test_worker_processes_give_the_same_index_as_one_process(image_folder, embedder, tmp_path):
+    build(image_folder, embedder, tmp_path / "one", batch_size=4)
+    source = open_source(str(image_folder))
+    build_index(source, embedder, str(tmp_path / "two"), BuildOptions(workers=2, batch_size=3, skip_faces=False))
+    one, two = load_index(tmp_path / "one"), load_index(tmp_path / "two")
+    np.testing.assert_allclose(one.global_index.reconstruct_n(0, 12), two.global_index.reconstruct_n(0, 12), atol=1e-5)
+
+
+def test_bad_rows_are_skipped_and_counted_by_reason(tmp_path, embedder):
+    folder = write_imagefolder(tmp_path / "images", 6)
+    (folder / "img001.jpg").write_bytes(b"not a jpeg at all")
+    data = (folder / "img002.jpg").read_bytes()
+    (folder / "img002.jpg").write_bytes(data[: len(data) // 3])
+    report = build(folder, embedder, tmp_path / "idx")
+    assert report.indexed == 4
+    assert report.skipped == {"unreadable image": 2}
+    index = load_index(tmp_path / "idx")
+    assert index.manifest["skipped"] == {"unreadable image": 2}
+    assert [index.row(i)["source_row"] for i in range(4)] == [0, 3, 4, 5]
+
+
+def test_parquet_with_missing_values_and_class_labels(tmp_path, embedder):
+    import datasets
+
+    images = [{"bytes": _jpeg(make_image(i)), "path": None} for i in range(5)]
+    images[2] = None
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
+    table = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 0, 1, 1]}, features=features)
+    table.to_parquet(str(tmp_path / "data.parquet"))
+    report = build(tmp_path / "data.parquet", embedder, tmp_path / "idx")
+    assert report.indexed == 4 and report.skipped == {"missing image": 1}
+    index = load_index(tmp_path / "idx")
+    assert [index.row(i)["label"] for i in range(4)] == ["cat", "dog", "dog", "dog"]
+
+
+def _jpeg(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="JPEG")
+    return out.getvalue()
+
+
+def test_streaming_and_limit(image_folder, embedder, tmp_path):
+    source = open_source(str(image_folder), streaming=True)
+    report = build_index(source, embedder, str(tmp_path / "idx"), BuildOptions(workers=0, limit=7, skip_faces=False))
+    assert report.indexed == 7 and load_index(tmp_path / "idx").count == 7
+
+
+def test_photos_of_people_are_kept_out_and_counted(tmp_path, embedder):
+    from matplotlib import cbook
+
+    folder = write_imagefolder(tmp_path / "images", 3)
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        (folder / "img001.jpg").write_bytes(f.read())
+    source = open_source(str(folder))
+    report = build_index(source, embedder, str(tmp_path / "idx"), BuildOptions(workers=0, skip_faces=True))
+    assert report.indexed == 2 and report.skipped == {"face": 1}
+    assert [load_index(tmp_path / "idx").row(i)["source_row"] for i in range(2)] == [0, 2]
+
+
+def run_cli(*args, log: Path):
+    """Start the builder CLI; its output goes to `log` (a pipe nobody reads could fill and stall it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "index_builder", *args], cwd=ROOT, stdout=f, stderr=f)
+
+
+def finished_chunks(out: Path) -> int:
+    return len([p for p in (out / "_build").glob("chunk-*") if p.suffix == ""])
+
+
+def test_a_build_killed_mid_way_resumes_to_the_same_index(tmp_path, tiny_vit):
+    folder = write_imagefolder(tmp_path / "images", 40)
+    args = ["--dataset", str(folder), "--model", str(tiny_vit), "--workers", "0", "--batch-size", "1",
+            "--chunk-size", "1", "--no-skip-faces", "--device", "cpu"]
+    assert run_cli(*args, "--out", str(tmp_path / "whole"), log=tmp_path / "whole.log").wait(timeout=300) == 0
+
+    out = tmp_path / "killed"
+    process = run_cli(*args, "--out", str(out), log=tmp_path / "killed.log")
+    deadline = time.time() + 240
+    while finished_chunks(out) < 5 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the build finished before it could be killed"
+    done = finished_chunks(out)
+    assert 5 <= done < 40 and not (out / "manifest.json").exists()
+
+    resumed = run_cli(*args, "--out", str(out), log=tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resumed.log").read_text()
+    assert f"resumed at row {done}" in (tmp_path / "resumed.log").read_text()
+
+    whole, again = load_index(tmp_path / "whole"), load_index(out)
+    assert again.count == whole.count == 40
+    assert again.meta.column("source_row").to_pylist() == list(range(40))  # each image exactly once
+    np.testing.assert_allclose(again.global_index.reconstruct_n(0, 40), whole.global_index.reconstruct_n(0, 40), atol=1e-5)
+    np.testing.assert_allclose(again.patch_index.reconstruct_n(0, 640), whole.patch_index.reconstruct_n(0, 640), atol=1e-3)

@@ -1,0 +1,144 @@
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dino_demo.index import GLOBAL, MANIFEST, META, PATCHES, IndexFolderError, Writer, load_index
+
+MODEL = {"id": "facebook/dino-vits16", "revision": None, "type": "vit", "input_size": 64,
+         "patch_size": 16, "dim": 8, "grid": [2, 2]}
+INFO = {"model": MODEL, "source": {"image_column": "image", "label_column": None}, "skip_faces": True, "thumb_size": 0}
+
+
+def unit(rng, *shape):
+    v = rng.standard_normal(shape).astype(np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def meta_rows(rows):
+    return [{"source_row": r, "width": 10 + r, "height": 20, "label": f"row {r}", "thumbnail": b"x"} for r in rows]
+
+
+def write_index(folder, chunks=((0, 3, [0, 2]), (3, 5, [3, 4]))):
+    """Write chunks of (row_start, row_end, kept rows); returns all vectors in id order."""
+    rng = np.random.default_rng(0)
+    writer = Writer(folder, INFO)
+    all_cls, all_patches = [], []
+    for start, end, kept in chunks:
+        cls, patches = unit(rng, len(kept), 8), unit(rng, len(kept), 4, 8)
+        skipped = Counter({"unreadable image": (end - start) - len(kept)})
+        writer.add_chunk(start, end, cls, patches, meta_rows(kept), skipped)
+        all_cls.append(cls)
+        all_patches.append(patches)
+    manifest = writer.finalize({"note": "test"})
+    return manifest, np.concatenate(all_cls), np.concatenate(all_patches)
+
+
+def test_round_trip_keeps_vectors_ids_and_metadata(tmp_path):
+    manifest, cls, patches = write_index(tmp_path / "idx")
+    index = load_index(tmp_path / "idx", MODEL)
+    assert index.count == 4 and manifest["count"] == 4
+    assert manifest["skipped"] == {"unreadable image": 1}
+    np.testing.assert_allclose(index.global_index.reconstruct_n(0, 4), cls)
+    # patches are kept as float16 while building: close, not identical
+    np.testing.assert_allclose(index.patch_index.reconstruct_n(0, 16), patches.reshape(16, 8), atol=1e-3)
+    assert [index.row(i)["source_row"] for i in range(4)] == [0, 2, 3, 4]
+    assert index.row(2) == {"id": 2, "source_row": 3, "width": 13, "height": 20, "label": "row 3", "thumbnail": b"x"}
+    assert index.size(1) == (12, 20)
+    assert not (tmp_path / "idx" / "_build").exists()
+
+
+def test_manifest_records_model_source_and_factories(tmp_path):
+    write_index(tmp_path / "idx")
+    manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
+    assert manifest["model"] == MODEL and manifest["source"] == INFO["source"]
+    assert manifest["global_factory"] == "Flat" and manifest["patches_per_image"] == 4
+    assert manifest["note"] == "test" and manifest["format_version"] == 1
+
+
+def test_a_local_folder_of_the_same_model_is_accepted(tmp_path):
+    write_index(tmp_path / "idx")
+    load_index(tmp_path / "idx", dict(MODEL, id="/models/dino-vits16"))
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"id": "facebook/dinov2-small"}, "dinov2-small"),
+    ({"dim": 16}, "dim 8 vs 16"),
+    ({"grid": [4, 4]}, "grid"),
+    ({"input_size": 224}, "input_size"),
+])
+def test_an_index_for_another_model_is_refused(tmp_path, change, words):
+    write_index(tmp_path / "idx")
+    with pytest.raises(IndexFolderError, match=words) as caught:
+        load_index(tmp_path / "idx", dict(MODEL, **change))
+    assert "--model facebook/dino-vits16" in str(caught.value)
+
+
+def test_other_format_version_is_refused(tmp_path):
+    write_index(tmp_path / "idx")
+    path = tmp_path / "idx" / MANIFEST
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), format_version=99)))
+    with pytest.raises(IndexFolderError, match="format 99"):
+        load_index(tmp_path / "idx")
+
+
+@pytest.mark.parametrize("name", [GLOBAL, PATCHES, META, MANIFEST])
+def test_a_missing_file_is_named(tmp_path, name):
+    write_index(tmp_path / "idx")
+    (tmp_path / "idx" / name).unlink()
+    with pytest.raises(IndexFolderError, match=name.replace(".", r"\.")):
+        load_index(tmp_path / "idx")
+
+
+@pytest.mark.parametrize("name", [GLOBAL, PATCHES, META, MANIFEST])
+def test_a_truncated_file_is_named(tmp_path, name):
+    write_index(tmp_path / "idx")
+    path = tmp_path / "idx" / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(IndexFolderError, match=name.replace(".", r"\.")):
+        load_index(tmp_path / "idx")
+
+
+def test_a_missing_folder_says_how_to_build_one(tmp_path):
+    with pytest.raises(IndexFolderError, match="python -m index_builder"):
+        load_index(tmp_path / "nothing")
+
+
+def test_an_unfinished_build_is_not_an_index_and_can_be_resumed(tmp_path):
+    rng = np.random.default_rng(1)
+    writer = Writer(tmp_path / "idx", INFO)
+    writer.add_chunk(0, 2, unit(rng, 2, 8), unit(rng, 2, 4, 8), meta_rows([0, 1]), Counter())
+    with pytest.raises(IndexFolderError, match="unfinished build"):
+        load_index(tmp_path / "idx")
+    resumed = Writer(tmp_path / "idx", INFO)  # a new process after a crash
+    assert resumed.resume_row() == 2
+    resumed.add_chunk(2, 3, unit(rng, 1, 8), unit(rng, 1, 4, 8), meta_rows([2]), Counter())
+    assert resumed.finalize({})["count"] == 3
+
+
+def test_a_half_written_chunk_is_discarded_on_resume(tmp_path):
+    writer = Writer(tmp_path / "idx", INFO)
+    (writer.work / "chunk-0000000.tmp").mkdir()
+    (writer.work / "chunk-0000000.tmp" / "cls.npy").write_bytes(b"partial")
+    resumed = Writer(tmp_path / "idx", INFO)
+    assert resumed.resume_row() == 0 and resumed.chunks() == []
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    Writer(tmp_path / "idx", INFO)
+    with pytest.raises(IndexFolderError, match="skip_faces"):
+        Writer(tmp_path / "idx", dict(INFO, skip_faces=False))
+
+
+def test_a_chunk_of_only_skipped_rows_is_counted(tmp_path):
+    manifest, _, _ = write_index(tmp_path / "idx", chunks=((0, 2, [0, 1]), (2, 5, []), (5, 6, [5])))
+    assert manifest["count"] == 3 and manifest["skipped"] == {"unreadable image": 3}
+    assert [load_index(tmp_path / "idx").row(i)["source_row"] for i in range(3)] == [0, 1, 5]
+
+
+def test_an_index_of_nothing_is_refused_with_the_reasons(tmp_path):
+    writer = Writer(tmp_path / "idx", INFO)
+    writer.add_chunk(0, 2, np.zeros((0, 8)), np.zeros((0, 4, 8)), [], Counter({"face": 2}))
+    with pytest.raises(IndexFolderError, match="2 face"):
+        writer.finalize({})

@@ -1,0 +1,107 @@
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, make_image
+from dino_demo.errors import HubUnreachable
+from dino_demo.hub import hub_reachable
+from dino_demo.model import Embedder, patch_boxes
+
+
+@pytest.mark.parametrize("fixture, grid, dim", [("tiny_vit", (4, 4), 32), ("tiny_dinov2", (4, 4), 32), ("tiny_registers", (4, 4), 32)])
+def test_each_family_loads_from_a_folder_and_gives_normalised_features(request, fixture, grid, dim):
+    embedder = Embedder(str(request.getfixturevalue(fixture)), device="cpu")
+    images = [make_image(1, (90, 60)), make_image(2, (40, 130))]
+    features = embedder.embed(images)
+    assert embedder.grid == grid and embedder.dim == dim
+    assert features.cls.shape == (2, dim)
+    assert features.patches.shape == (2, grid[0] * grid[1], dim)
+    np.testing.assert_allclose(np.linalg.norm(features.cls, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(features.patches, axis=2), 1, atol=1e-5)
+    assert features.sizes == [(90, 60), (40, 130)]
+
+
+def test_registers_are_not_returned_as_patches(tiny_registers):
+    embedder = Embedder(str(tiny_registers), device="cpu")
+    assert embedder.num_prefix_tokens == 5
+    assert embedder.embed([make_image(3)]).patches.shape[1] == 16
+
+
+@pytest.mark.parametrize("size", [(64, 64), (97, 31), (31, 97), (640, 480), (1, 1), (10000, 100)])
+def test_patch_boxes_tile_the_original_image_exactly(size):
+    grid = (4, 6)
+    boxes = patch_boxes(size, grid).astype(np.float64)
+    w, h = size
+    assert boxes.shape == (24, 4)
+    assert np.isclose((boxes[:, 2] - boxes[:, 0]) @ (boxes[:, 3] - boxes[:, 1]), w * h, rtol=1e-5)
+    grid_boxes = boxes.reshape(4, 6, 4)
+    np.testing.assert_allclose(grid_boxes[:, 0, 0], 0)
+    np.testing.assert_allclose(grid_boxes[:, -1, 2], w, rtol=1e-6)
+    np.testing.assert_allclose(grid_boxes[0, :, 1], 0)
+    np.testing.assert_allclose(grid_boxes[-1, :, 3], h, rtol=1e-6)
+    np.testing.assert_array_equal(grid_boxes[:, 1:, 0], grid_boxes[:, :-1, 2])  # neighbours share edges
+    np.testing.assert_array_equal(grid_boxes[1:, :, 1], grid_boxes[:-1, :, 3])
+
+
+def test_features_patch_boxes_use_each_images_own_size(embedder):
+    features = embedder.embed([make_image(1, (100, 50)), make_image(2, (30, 90))])
+    assert features.patch_boxes(0)[-1].tolist() == [75, 37.5, 100, 50]
+    assert features.patch_boxes(1)[-1].tolist() == [22.5, 67.5, 30, 90]
+
+
+def test_a_batch_gives_the_same_features_as_one_by_one(embedder):
+    images = [make_image(i, (80 + 7 * i, 60)) for i in range(5)]
+    batched = embedder.embed(images)
+    single = [embedder.embed([im]) for im in images]
+    np.testing.assert_allclose(batched.cls, np.concatenate([s.cls for s in single]), atol=1e-5)
+    np.testing.assert_allclose(batched.patches, np.concatenate([s.patches for s in single]), atol=1e-5)
+
+
+def test_different_images_give_different_features(embedder):
+    features = embedder.embed([make_image(1), make_image(2)])
+    assert features.cls[0] @ features.cls[1] < 0.999
+
+
+def test_attention_map_covers_the_patch_grid_and_sums_below_one(embedder):
+    attention = embedder.attention(make_image(4, (120, 80)))
+    assert attention.shape == (2, 4, 4)  # heads, grid
+    assert np.all(attention >= 0) and np.all(attention.sum(axis=(1, 2)) <= 1 + 1e-5)
+    # switching to eager attention for the map must not change the features afterwards
+    before = embedder.embed([make_image(5)]).cls
+    embedder.attention(make_image(4))
+    np.testing.assert_allclose(embedder.embed([make_image(5)]).cls, before, atol=1e-6)
+
+
+def test_uncached_hub_model_offline_is_one_clear_error():
+    started = time.perf_counter()
+    with pytest.raises(HubUnreachable) as caught:
+        Embedder("facebook/dino-vits16", device="cpu")
+    message = str(caught.value)
+    assert "facebook/dino-vits16" in message and "--model" in message and "\n" not in message
+    assert time.perf_counter() - started < 15  # no half-minute of retries
+
+
+def test_hub_reachable_tells_an_open_port_from_a_closed_one():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert hub_reachable(f"http://127.0.0.1:{port}")
+    server.close()
+    assert not hub_reachable(f"http://127.0.0.1:{port}", timeout=1)
+
+
+def test_builder_cli_offline_prints_one_line_and_no_traceback(tmp_path, image_folder):
+    result = subprocess.run(
+        [sys.executable, "-m", "index_builder", "--dataset", str(image_folder),
+         "--model", "facebook/dino-vits8", "--out", str(tmp_path / "idx")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "facebook/dino-vits8" in error_lines[0] and "--model" in error_lines[0]

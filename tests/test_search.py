@@ -1,0 +1,120 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from dino_demo.index import Writer, load_index
+from dino_demo.model import Features
+from dino_demo.search import SearchError, match_box, normalise_box, search_image, search_region, select_patches
+
+GRID, DIM, COUNT = (4, 4), 16, 30
+MODEL = {"id": "tiny", "revision": None, "type": "vit", "input_size": 64, "patch_size": 16, "dim": DIM, "grid": list(GRID)}
+
+
+def unit(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(7)
+    return unit(rng.standard_normal((COUNT, DIM))), unit(rng.standard_normal((COUNT, 16, DIM)))
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, vectors):
+    cls, patches = vectors
+    writer = Writer(tmp_path_factory.mktemp("idx"), {"model": MODEL, "source": {}, "skip_faces": False, "thumb_size": 0})
+    meta = [{"source_row": i, "width": 100 + i, "height": 80, "label": None, "thumbnail": None} for i in range(COUNT)]
+    writer.add_chunk(0, COUNT, cls, patches, meta, Counter())
+    writer.finalize({})
+    return load_index(writer.out, MODEL)
+
+
+def query(cls, patches, size=(64, 64)):
+    return Features(cls[None], patches[None], GRID, [size])
+
+
+def test_image_search_matches_brute_force(index, vectors):
+    cls, patches = vectors
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        q = unit(rng.standard_normal(DIM))
+        hits = search_image(index, query(q, patches[0]), k=7)
+        exact = np.argsort(-(cls @ q))[:7]
+        assert [h.id for h in hits] == exact.tolist()
+        np.testing.assert_allclose([h.score for h in hits], (cls @ q)[exact], atol=1e-5)
+
+
+def test_each_indexed_image_finds_itself_first(index, vectors):
+    cls, patches = vectors
+    for i in range(COUNT):
+        hit = search_image(index, query(cls[i], patches[i]), k=1)[0]
+        assert hit.id == i and hit.score == pytest.approx(1, abs=1e-5)
+
+
+def exact_region_scores(patches_all, q_patches):
+    """Brute force: for each image, the mean over query patches of the best similarity in it."""
+    # float16 storage while building: compare with what the index holds
+    stored = patches_all.astype(np.float16).astype(np.float32)
+    return np.einsum("md,npd->nmp", q_patches, stored).max(axis=2).mean(axis=1)
+
+
+def test_region_search_matches_brute_force(index, vectors):
+    cls, patches = vectors
+    rng = np.random.default_rng(2)
+    q_patches = unit(rng.standard_normal((16, DIM)))
+    box = (0, 0, 32, 48)  # the left half, top three quarters of a 64x64 query: 2 x 3 patches
+    chosen = select_patches((64, 64), GRID, box)
+    assert chosen.tolist() == [0, 1, 4, 5, 8, 9]
+    hits = search_region(index, query(cls[0], q_patches), box, k=5)
+    exact = exact_region_scores(patches, q_patches[chosen])
+    assert [h.id for h in hits] == np.argsort(-exact)[:5].tolist()
+    np.testing.assert_allclose([h.score for h in hits], np.sort(exact)[::-1][:5], atol=1e-4)
+
+
+def test_region_of_an_indexed_image_finds_that_image_and_the_same_place(index, vectors):
+    cls, patches = vectors
+    box = (16, 16, 48, 48)  # the central 2 x 2 patches
+    hits = search_region(index, query(cls[3], patches[3], size=(64, 64)), box, k=3, with_heat=True)
+    assert hits[0].id == 3 and hits[0].score == pytest.approx(1, abs=1e-3)
+    w, h = index.size(3)  # the hit's own size, not the query's
+    assert hits[0].box == pytest.approx((w / 4, h / 4, 3 * w / 4, 3 * h / 4))
+    assert hits[0].heat.shape == GRID and hits[0].heat.max() == pytest.approx(1, abs=1e-3)
+
+
+@pytest.mark.parametrize("box", [(10, 10, 10, 40), (200, 200, 300, 300), None, (1, 2, 3)])
+def test_boxes_without_area_in_the_image_are_refused(box):
+    with pytest.raises(SearchError):
+        normalise_box(box, (64, 64))
+
+
+def test_inverted_and_overflowing_boxes_are_ordered_and_clipped():
+    assert normalise_box((50, 60, 10, 5), (64, 64)) == (10, 5, 50, 60)
+    assert normalise_box((-20, 10, 100, 30), (64, 64)) == (0, 10, 64, 30)
+
+
+def test_a_box_smaller_than_a_patch_takes_the_patch_it_covers_most():
+    assert select_patches((64, 64), GRID, (20, 40, 22, 42)).tolist() == [9]
+
+
+@pytest.mark.parametrize("k", [0, -3])
+def test_k_below_one_is_refused(index, vectors, k):
+    cls, patches = vectors
+    with pytest.raises(SearchError, match="at least 1"):
+        search_image(index, query(cls[0], patches[0]), k=k)
+
+
+def test_a_huge_k_returns_every_image_once(index, vectors):
+    cls, patches = vectors
+    hits = search_image(index, query(cls[0], patches[0]), k=10**6)
+    assert sorted(h.id for h in hits) == list(range(COUNT))
+    region = search_region(index, query(cls[0], patches[0]), (0, 0, 64, 64), k=10**6)
+    assert sorted(h.id for h in region) == list(range(COUNT))
+
+
+def test_match_box_surrounds_the_matched_patches():
+    assert match_box((400, 200), (4, 4), np.array([5, 6, 9, 10])) == (100, 50, 300, 150)
+    # one stray match far away does not blow the box up to the whole image
+    many = np.array([5] * 10 + [6] * 10 + [15])
+    assert match_box((400, 200), (4, 4), many) == (100, 50, 300, 100)
