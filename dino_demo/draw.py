@@ -1,0 +1,110 @@
+"""Pictures for people: a hit's matching region boxed, similarity heat maps, patch-match lines.
+
+Lines and boxes are drawn at twice the size and shrunk, which anti-aliases them (PIL draws
+jagged lines otherwise).
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .matching import Matches
+
+Colour = tuple[int, int, int]
+BOX_COLOUR: Colour = (255, 214, 0)  # bright yellow, with a dark edge so it shows on any photo
+EDGE_COLOUR: Colour = (20, 20, 20)
+SUPERSAMPLE = 2
+
+
+def scale_box(box, from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """A box in an image of `from_size` = (w, h) moved to the same place in a `to_size` copy."""
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    x0, y0, x1, y1 = box
+    return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+
+
+def draw_box(
+    image: Image.Image,
+    box,
+    original_size: tuple[int, int] | None = None,
+    colour: Colour = BOX_COLOUR,
+    width: int = 3,
+) -> Image.Image:
+    """A copy of `image` with `box` outlined; the box is in `original_size` pixels (default: the image's)."""
+    if original_size is not None:
+        box = scale_box(box, original_size, image.size)
+    big = image.convert("RGB").resize((image.width * SUPERSAMPLE, image.height * SUPERSAMPLE), Image.Resampling.BICUBIC)
+    pen = ImageDraw.Draw(big)
+    x0, y0, x1, y1 = (v * SUPERSAMPLE for v in box)
+    w = max(1, width) * SUPERSAMPLE
+    rim = SUPERSAMPLE  # a 1-pixel dark rim on both sides keeps yellow visible on pale photos
+    pen.rectangle((x0 - rim, y0 - rim, x1 - 1 + rim, y1 - 1 + rim), outline=EDGE_COLOUR, width=w + 2 * rim)
+    pen.rectangle((x0, y0, x1 - 1, y1 - 1), outline=colour, width=w)
+    return big.resize(image.size, Image.Resampling.LANCZOS)
+
+
+def draw_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.55, cmap: str = "inferno") -> Image.Image:
+    """`image` with a (gh, gw) similarity map laid over it, upsampled smoothly and coloured by `cmap`."""
+    from matplotlib import colormaps
+
+    values = np.asarray(heat, dtype=np.float32)
+    lo, hi = float(values.min()), float(values.max())
+    values = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+    smooth = Image.fromarray(values, mode="F").resize(image.size, Image.Resampling.BICUBIC)
+    levels = np.clip(np.asarray(smooth), 0.0, 1.0)  # (h, w) in 0..1
+    colours = (colormaps[cmap](levels)[..., :3] * 255).astype(np.float32)
+    # Strong matches get the full overlay, weak ones mostly show the photo.
+    weight = (alpha * (0.35 + 0.65 * levels))[..., None]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((base * (1 - weight) + colours * weight).round().astype(np.uint8))
+
+
+def draw_matches(
+    img_a: Image.Image,
+    img_b: Image.Image,
+    matches: Matches,
+    n: int = 50,
+    height: int = 384,
+    gap: int = 12,
+    cmap: str = "turbo",
+) -> Image.Image:
+    """A and B side by side at the same height, the `n` strongest matches joined by lines.
+
+    Colours run from red (strongest) to blue (weakest); the box on A, if any, is outlined.
+    """
+
+    shown = matches.top(n)
+    sa, sb = height / img_a.height, height / img_b.height
+    wa, wb = round(img_a.width * sa), round(img_b.width * sb)
+    s = SUPERSAMPLE
+    canvas = Image.new("RGB", ((wa + gap + wb) * s, height * s), (255, 255, 255))
+    canvas.paste(img_a.convert("RGB").resize((wa * s, height * s), Image.Resampling.BICUBIC), (0, 0))
+    canvas.paste(img_b.convert("RGB").resize((wb * s, height * s), Image.Resampling.BICUBIC), ((wa + gap) * s, 0))
+    pen = ImageDraw.Draw(canvas)
+    if matches.box is not None:
+        x0, y0, x1, y1 = (v * sa * s for v in matches.box)
+        pen.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BOX_COLOUR, width=3 * s)
+    count = len(shown)
+    dot = 5 * s
+    for rank in reversed(range(count)):  # weakest first, so the strongest lie on top
+        colour = match_colour(rank, count, cmap)
+        ax, ay = shown.points_a[rank] * sa * s
+        bx, by = shown.points_b[rank] * sb * s
+        bx += (wa + gap) * s
+        pen.line((ax, ay, bx, by), fill=EDGE_COLOUR, width=4 * s)  # dark halo: lines show on any colour
+        pen.line((ax, ay, bx, by), fill=colour, width=2 * s)
+        for x, y in ((ax, ay), (bx, by)):
+            pen.ellipse((x - dot, y - dot, x + dot, y + dot), fill=colour, outline=(255, 255, 255), width=s)
+    return canvas.resize((wa + gap + wb, height), Image.Resampling.LANCZOS)
+
+
+def match_colour(rank: int, count: int, cmap: str = "turbo") -> Colour:
+    """Colour of the match of this rank: red for the strongest through to blue for the weakest."""
+    from matplotlib import colormaps
+
+    return tuple(int(c * 255) for c in colormaps[cmap](0.95 - 0.85 * rank / max(1, count - 1))[:3])
+
+
+def draw_placeholder(size: tuple[int, int], colour: Colour = (200, 200, 200)) -> Image.Image:
+    """A plain tile for an indexed image that has no stored thumbnail."""
+    return Image.new("RGB", size, colour)
