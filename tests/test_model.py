@@ -105,3 +105,13 @@ def test_builder_cli_offline_prints_one_line_and_no_traceback(tmp_path, image_fo
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "facebook/dino-vits8" in error_lines[0] and "--model" in error_lines[0]
+
+
+def test_bfloat16_features_stay_close_to_float32(tiny_vit):
+    images = [make_image(i, (70, 50)) for i in range(3)]
+    full = Embedder(str(tiny_vit), device="cpu", bf16=False).embed(images)
+    half = Embedder(str(tiny_vit), device="cpu", bf16=True)
+    assert half.dtype.is_floating_point and str(half.dtype) == "torch.bfloat16"
+    low = half.embed(images)
+    assert low.cls.dtype == np.float32  # returned as float32 whatever the compute type
+    assert np.min(np.sum(full.cls * low.cls, axis=1)) > 0.98
