@@ -163,13 +163,14 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=2):
                     query = gr.Image(type="filepath", label="Query image: upload, paste or take a photo",
-                                     sources=["upload", "clipboard", "webcam"], height=320)
+                                     sources=["upload", "clipboard", "webcam"], height=320, elem_id="query")
                     image_k = gr.Slider(1, k_max, value=settings.k, step=1, label="Number of results")
-                    image_button = gr.Button("Search", variant="primary")
+                    image_button = gr.Button("Search", variant="primary", elem_id="search-image")
                     gr.Examples([[str(ASSETS / f)] for f in EXAMPLE_QUERIES], inputs=[query], label="Examples")
                 with gr.Column(scale=3):
                     image_gallery = gr.Gallery(label="Most similar images (click one to search with it)",
-                                               columns=4, height=420, allow_preview=False, object_fit="contain")
+                                               columns=4, height=420, allow_preview=False, object_fit="contain",
+                                               elem_id="image-results")
                     with gr.Accordion("JSON", open=False):
                         image_json = gr.JSON(label="Results")
             image_ids = gr.State([])
@@ -181,17 +182,16 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                         label="Upload an image, then drag a box over the region to search",
                         single_box=True, image_type="filepath", disable_edit_boxes=True,
                         box_min_size=4, sources=["upload", "clipboard"], height=360,
-                        show_remove_button=True, handles_cursor=True, use_default_label=False,
+                        show_remove_button=True, handles_cursor=True, use_default_label=False, elem_id="region-input",
                     )
-                    with gr.Row():
-                        region_k = gr.Slider(1, k_max, value=settings.k, step=1, label="Number of results")
-                        region_heat = gr.Checkbox(False, label="Show similarity heat map")
-                    region_button = gr.Button("Search region", variant="primary")
+                    region_k = gr.Slider(1, k_max, value=settings.k, step=1, label="Number of results")
+                    region_heat = gr.Checkbox(False, label="Show where each result is similar (heat map)")
+                    region_button = gr.Button("Search region", variant="primary", elem_id="search-region")
                     gr.Examples([[{"image": str(ASSETS / f), "boxes": [_box_dict(b)]}] for f, b in EXAMPLE_REGIONS],
                                 inputs=[region_input], label="Examples (box already drawn)")
                 with gr.Column(scale=3):
                     region_gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=4,
-                                                height=420, object_fit="contain")
+                                                height=420, object_fit="contain", elem_id="region-results")
                     with gr.Accordion("JSON", open=False):
                         region_json = gr.JSON(label="Results with boxes")
             with gr.Row(visible=False):  # inputs of the API-only /search_region: an image and four numbers
@@ -204,17 +204,18 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                 match_input_a = image_annotator(
                     label="Image A (optional: drag a box to match only that region)",
                     single_box=True, image_type="filepath", disable_edit_boxes=True, box_min_size=4,
-                    sources=["upload", "clipboard"], height=320, show_remove_button=True,
+                    sources=["upload", "clipboard"], height=320, show_remove_button=True, elem_id="match-a",
                 )
-                match_b = gr.Image(type="filepath", label="Image B", sources=["upload", "clipboard"], height=320)
+                match_b = gr.Image(type="filepath", label="Image B", sources=["upload", "clipboard"], height=320,
+                                   elem_id="match-b")
             with gr.Row():
                 match_n = gr.Slider(1, 200, value=40, step=1, label="Lines to draw (strongest first)", scale=3)
-                match_button = gr.Button("Match patches", variant="primary", scale=1)
+                match_button = gr.Button("Match patches", variant="primary", scale=1, elem_id="match-patches")
             gr.Examples([[{"image": str(ASSETS / a), "boxes": []}, str(ASSETS / b)] for a, b in EXAMPLE_PAIRS],
                         inputs=[match_input_a, match_b], label="Example pairs")
             match_picture = gr.Image(label="Matching patches (red: strongest, blue: weakest)", type="pil",
-                                     interactive=False, format="jpeg")
-            match_summary = gr.Textbox(label="Summary", interactive=False)
+                                     interactive=False, format="jpeg", elem_id="match-picture")
+            match_summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
             with gr.Accordion("JSON", open=False):
                 match_json = gr.JSON(label="Matched point pairs (x, y in each image's pixels)")
             with gr.Row(visible=False):  # inputs of the API-only /match_patches

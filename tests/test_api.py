@@ -1,0 +1,115 @@
+"""Every endpoint of the running app through gradio_client: results, refusals and clean errors."""
+from __future__ import annotations
+
+import pytest
+from conftest import ROOT
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+COLLECTION = ROOT / "assets" / "collection"
+LADYBIRD, MARIGOLD, YELLOW = (str(COLLECTION / f) for f in
+                              ("mate-ladybird-on-grass.jpg", "mate-red-marigold.jpg", "mate-yellow-flower.jpg"))
+FACE_MESSAGE = "This image shows a person's face"
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    url, _ = app_server
+    return Client(url, verbose=False, download_files=False)
+
+
+@pytest.fixture(scope="module")
+def face_photo() -> str:
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def label_of(name: str) -> str:
+    for line in (COLLECTION / "metadata.csv").read_text().splitlines():
+        if line.startswith(name + ","):
+            return line.split(",", 1)[1]
+    raise KeyError(name)
+
+
+def test_api_lists_the_three_named_endpoints(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert names == {"/search_image", "/search_region", "/match_patches"}
+
+
+def test_search_image_finds_the_indexed_image_first(client):
+    gallery, result = client.predict(handle_file(MARIGOLD), 4, api_name="/search_image")
+    assert [r["label"] for r in result["results"]][0] == label_of("mate-red-marigold.jpg")
+    assert result["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert len(result["results"]) == len(gallery) == 4
+    assert gallery[0]["caption"].startswith(label_of("mate-red-marigold.jpg") + " · ")
+    assert {"embed", "search", "draw", "total"} <= set(result["timings_ms"])
+
+
+def test_search_region_returns_boxes_inside_each_hit(client):
+    _, result = client.predict(handle_file(LADYBIRD), 322, 132, 398, 196, 5, True, api_name="/search_region")
+    assert result["query"]["box"] == [322.0, 132.0, 398.0, 196.0]
+    top = result["results"][0]
+    assert top["label"] == label_of("mate-ladybird-on-grass.jpg")
+    for hit in result["results"]:
+        x0, y0, x1, y1 = hit["box"]
+        assert 0 <= x0 < x1 <= hit["width"] and 0 <= y0 < y1 <= hit["height"]
+    x0, y0, x1, y1 = top["box"]  # the ladybird finds itself where it is
+    assert x0 <= 360 <= x1 and y0 <= 164 <= y1
+
+
+def test_match_patches_returns_point_pairs(client):
+    picture, summary, result = client.predict(handle_file(MARIGOLD), handle_file(YELLOW), None, None, None, None, 7,
+                                              api_name="/match_patches")
+    assert result["count"] > 0 and summary.startswith(f"{result['count']} matches, mean similarity ")
+    assert len(result["pairs"]) == min(7, result["count"])
+    scores = [p["score"] for p in result["pairs"]]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 <= p["a"][0] <= 512 and 0 <= p["b"][1] <= 512 for p in result["pairs"])
+    assert picture  # a file path or URL of the drawn picture
+
+
+def test_match_patches_with_a_box_keeps_matches_inside_it(client):
+    _, _, result = client.predict(handle_file(MARIGOLD), handle_file(YELLOW), 180, 55, 512, 300, 50,
+                                  api_name="/match_patches")
+    assert result["box"] == [180.0, 55.0, 512.0, 300.0]
+    assert all(180 <= p["a"][0] <= 512 and 55 <= p["a"][1] <= 300 for p in result["pairs"])
+
+
+@pytest.mark.parametrize("endpoint", ["/search_image", "/search_region", "/match_patches_a", "/match_patches_b"])
+def test_face_photo_is_refused_by_every_endpoint_and_the_server_keeps_serving(client, face_photo, endpoint):
+    face, other = handle_file(face_photo), handle_file(MARIGOLD)
+    calls = {
+        "/search_image": lambda: client.predict(face, 3, api_name="/search_image"),
+        "/search_region": lambda: client.predict(face, 10, 10, 200, 200, 3, False, api_name="/search_region"),
+        "/match_patches_a": lambda: client.predict(face, other, None, None, None, None, 5, api_name="/match_patches"),
+        "/match_patches_b": lambda: client.predict(other, face, None, None, None, None, 5, api_name="/match_patches"),
+    }
+    with pytest.raises(AppError, match=FACE_MESSAGE):
+        calls[endpoint]()
+    _, result = client.predict(handle_file(LADYBIRD), 2, api_name="/search_image")
+    assert len(result["results"]) == 2
+
+
+def test_non_image_bytes_give_a_clear_error(client, tmp_path):
+    junk = tmp_path / "notes.jpg"
+    junk.write_bytes(b"this is not an image at all" * 10)
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(handle_file(str(junk)), 3, api_name="/search_image")
+
+
+def test_zero_area_box_gives_a_clear_error(client):
+    with pytest.raises(AppError, match="no area"):
+        client.predict(handle_file(LADYBIRD), 100, 100, 100, 180, 3, False, api_name="/search_region")
+
+
+def test_k_out_of_range_gives_a_clear_error(client):
+    with pytest.raises(AppError, match="between 1 and"):
+        client.predict(handle_file(LADYBIRD), 0, api_name="/search_image")
+
+
+def test_half_given_box_gives_a_clear_error(client):
+    with pytest.raises(AppError, match="all four box corners"):
+        client.predict(handle_file(MARIGOLD), handle_file(YELLOW), 10, None, None, None, 5, api_name="/match_patches")
