@@ -179,6 +179,7 @@ class Engine:
         report(0.0, "Checking the image")
         with timer.step("load"):
             image = self.load(source)
+            box = normalise_box(box, image.size)  # a bad box is refused before the model runs
         report(0.4, "Embedding")
         with timer.step("embed"):
             features = self.embedder.embed([image])
@@ -187,7 +188,7 @@ class Engine:
             hits = search_region(self.index, features, box, k, with_heat=heat)
         with timer.step("draw"):
             items = [self._item(hit) for hit in hits]
-        return SearchResults(items, image.size, normalise_box(box, image.size), timer.done())
+        return SearchResults(items, image.size, box, timer.done())
 
     def match(self, source_a: ImageSource, source_b: ImageSource, box=None, n: int = 50,
               progress: Progress | None = None) -> MatchResult:
@@ -198,6 +199,7 @@ class Engine:
         report(0.0, "Checking the images")
         with timer.step("load"):
             image_a, image_b = self.load(source_a), self.load(source_b)
+            box = None if box is None else normalise_box(box, image_a.size)
         report(0.4, "Embedding")
         with timer.step("embed"):
             features = self.embedder.embed([image_a, image_b])
