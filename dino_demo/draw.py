@@ -43,7 +43,7 @@ def draw_box(
     return big.resize(image.size, Image.Resampling.LANCZOS)
 
 
-def draw_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.55, cmap: str = "inferno") -> Image.Image:
+def draw_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> Image.Image:
     """`image` with a (gh, gw) similarity map laid over it, upsampled smoothly and coloured by `cmap`."""
     from matplotlib import colormaps
 

@@ -37,8 +37,13 @@ EXAMPLE_REGIONS = [  # file, box around the object in its pixels
 EXAMPLE_PAIRS = [("mate-red-marigold.jpg", "mate-yellow-flower.jpg"),
                  ("plasma-foggy-pier.jpg", "plasma-wooden-jetty-lake.jpg")]
 CSS = """
-.gallery-item img, .thumbnail-item img { object-fit: contain !important; }
 #intro p { margin: 0; }
+#match-a { flex: 1 1 0% !important; }  /* the annotator asks for its canvas's width; share the row with B */
+/* Captions carry the label and the score: let them wrap instead of cutting the score off. */
+#image-results .caption-label, #region-results .caption-label {
+    white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
+    max-width: calc(100% - 8px) !important; font-size: 12px !important; line-height: 1.25 !important;
+}
 """
 
 
@@ -169,10 +174,10 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                     gr.Examples([[str(ASSETS / f)] for f in EXAMPLE_QUERIES], inputs=[query], label="Examples")
                 with gr.Column(scale=3):
                     image_gallery = gr.Gallery(label="Most similar images (click one to search with it)",
-                                               columns=4, height=420, allow_preview=False, object_fit="contain",
+                                               columns=3, height=540, allow_preview=False, object_fit="contain",
                                                elem_id="image-results")
                     with gr.Accordion("JSON", open=False):
-                        image_json = gr.JSON(label="Results")
+                        image_json = gr.JSON(label="Results", elem_id="image-json")
             image_ids = gr.State([])
 
         with gr.Tab("Region retrieval", id="region"):
@@ -190,10 +195,10 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                     gr.Examples([[{"image": str(ASSETS / f), "boxes": [_box_dict(b)]}] for f, b in EXAMPLE_REGIONS],
                                 inputs=[region_input], label="Examples (box already drawn)")
                 with gr.Column(scale=3):
-                    region_gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=4,
-                                                height=420, object_fit="contain", elem_id="region-results")
+                    region_gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=3,
+                                                height=540, object_fit="contain", elem_id="region-results")
                     with gr.Accordion("JSON", open=False):
-                        region_json = gr.JSON(label="Results with boxes")
+                        region_json = gr.JSON(label="Results with boxes", elem_id="region-json")
             with gr.Row(visible=False):  # inputs of the API-only /search_region: an image and four numbers
                 api_region_image = gr.Image(type="filepath", label="image")
                 api_box = [gr.Number(None, label=name) for name in ("x0", "y0", "x1", "y1")]
@@ -205,9 +210,10 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                     label="Image A (optional: drag a box to match only that region)",
                     single_box=True, image_type="filepath", disable_edit_boxes=True, box_min_size=4,
                     sources=["upload", "clipboard"], height=320, show_remove_button=True, elem_id="match-a",
+                    scale=1, min_width=300,
                 )
                 match_b = gr.Image(type="filepath", label="Image B", sources=["upload", "clipboard"], height=320,
-                                   elem_id="match-b")
+                                   elem_id="match-b", scale=1, min_width=300)
             with gr.Row():
                 match_n = gr.Slider(1, 200, value=40, step=1, label="Lines to draw (strongest first)", scale=3)
                 match_button = gr.Button("Match patches", variant="primary", scale=1, elem_id="match-patches")
@@ -217,7 +223,7 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                                      interactive=False, format="jpeg", elem_id="match-picture")
             match_summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
             with gr.Accordion("JSON", open=False):
-                match_json = gr.JSON(label="Matched point pairs (x, y in each image's pixels)")
+                match_json = gr.JSON(label="Matched point pairs (x, y in each image's pixels)", elem_id="match-json")
             with gr.Row(visible=False):  # inputs of the API-only /match_patches
                 api_match_a = gr.Image(type="filepath", label="image_a")
                 api_match_b = gr.Image(type="filepath", label="image_b")

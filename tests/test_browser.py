@@ -1,0 +1,133 @@
+"""A person's session in a real browser: each tab, an upload, a box dragged with the mouse, results seen.
+
+Screenshots go to $SCREENSHOT_DIR (default: a temporary folder), one per tab.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+COLLECTION = ROOT / "assets" / "collection"
+MAX_SCREENSHOT_BYTES = 300_000
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="/usr/bin/chromium is missing: install Debian's chromium (apt-get install -y chromium) to run browser tests",
+)
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def page(app_server):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = app_server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.goto(url)
+        page.get_by_role("tab", name="Image retrieval").wait_for()
+        yield page
+        browser.close()
+
+
+def save_screenshot(page, folder: Path, name: str) -> Path:
+    """A PNG of the page, reduced to a palette if needed to stay small enough for the README."""
+    from PIL import Image
+
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if path.stat().st_size > MAX_SCREENSHOT_BYTES:
+        Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    return path
+
+
+def drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+    """Drag out `box` (in the image's pixels) with the mouse on the annotator's canvas."""
+    canvas = page.locator(canvas_selector)
+    canvas.wait_for()
+    page.wait_for_timeout(300)  # the annotator fits the image into the canvas after it loads
+    fit = canvas.evaluate("""c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }""")
+    x, y, w, h = fit
+    scale = min(w / image_size[0], h / image_size[1])  # the image is centred in the canvas
+    left, top = x + (w - image_size[0] * scale) / 2, y + (h - image_size[1] * scale) / 2
+    x0, y0, x1, y1 = (left + box[0] * scale, top + box[1] * scale, left + box[2] * scale, top + box[3] * scale)
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x0 + (x1 - x0) * i / 10, y0 + (y1 - y0) * i / 10)
+    page.mouse.up()
+
+
+def gallery_captions(page, selector: str, count: int) -> list[str]:
+    items = page.locator(f"{selector} .thumbnail-item")
+    items.nth(count - 1).wait_for(timeout=60_000)
+    return [t.strip() for t in page.locator(f"{selector} .caption-label").all_inner_texts()]
+
+
+def json_text(page, selector: str) -> str:
+    """The text of a gr.JSON output with whitespace removed, opening its accordion first."""
+    page.locator("button:has-text('JSON'):visible").first.click()
+    holder = page.locator(selector)
+    holder.wait_for()
+    return re.sub(r"\s+", "", holder.inner_text())
+
+
+def test_image_retrieval_tab_shows_similar_images(page, screenshots):
+    page.get_by_role("tab", name="Image retrieval").click()
+    page.locator("#query input[type=file]").set_input_files(str(COLLECTION / "mate-red-marigold.jpg"))
+    page.locator("#query img").first.wait_for()
+    page.locator("#search-image").click()
+    captions = gallery_captions(page, "#image-results", 6)
+    assert captions[0].startswith("red and yellow marigold flower · 1.000"), captions
+    save_screenshot(page, screenshots, "image-retrieval")
+    # Clicking a result searches with it: it becomes the query, and finds itself first.
+    page.locator("#image-results .thumbnail-item").nth(2).click()
+    page.wait_for_function(
+        """c => document.querySelector('#image-results .caption-label')?.innerText.trim() !== c""",
+        arg=captions[0], timeout=60_000)
+    assert gallery_captions(page, "#image-results", 6)[0].startswith(captions[2].split(" · ")[0])
+
+
+def test_region_retrieval_tab_searches_a_box_drawn_with_the_mouse(page, screenshots):
+    page.get_by_role("tab", name="Region retrieval").click()
+    page.locator("#region-input input[type=file]").set_input_files(str(COLLECTION / "mate-ladybird-on-grass.jpg"))
+    drag_box(page, "#region-input canvas", (512, 320), (322, 132, 398, 196))
+    page.get_by_label("Show where each result is similar (heat map)").check()
+    page.locator("#search-region").click()
+    captions = gallery_captions(page, "#region-results", 6)
+    assert captions[0].startswith("ladybird on a grass stem"), captions
+    save_screenshot(page, screenshots, "region-retrieval")
+    first_box = re.search(r'"box":\[([-\d.,]+)\]', json_text(page, "#region-json")).group(1)
+    query_box = [float(v) for v in first_box.split(",")]
+    assert query_box == pytest.approx([322, 132, 398, 196], abs=4)  # the dragged box reached the server
+
+
+def test_patch_matching_tab_draws_matches_for_a_box_on_a(page, screenshots):
+    page.get_by_role("tab", name="Patch matching").click()
+    page.locator("#match-a input[type=file]").set_input_files(str(COLLECTION / "plasma-foggy-pier.jpg"))
+    page.locator("#match-b input[type=file]").set_input_files(str(COLLECTION / "plasma-wooden-jetty-lake.jpg"))
+    page.locator("#match-b img").first.wait_for()
+    drag_box(page, "#match-a canvas", (512, 320), (60, 130, 470, 320))
+    page.locator("#match-patches").click()
+    summary = page.locator("#match-summary textarea")
+    page.wait_for_function("""() => /matches, mean similarity/.test(document.querySelector('#match-summary textarea')?.value || '')""",
+                           timeout=60_000)
+    assert "matches, mean similarity" in summary.input_value()
+    page.locator("#match-picture img").first.wait_for()
+    save_screenshot(page, screenshots, "patch-matching")
+    box = re.search(r'"box":\[([-\d.,]+)\]', json_text(page, "#match-json")).group(1)
+    assert [float(v) for v in box.split(",")] == pytest.approx([60, 130, 470, 320], abs=4)
