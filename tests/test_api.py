@@ -113,3 +113,31 @@ def test_k_out_of_range_gives_a_clear_error(client):
 def test_half_given_box_gives_a_clear_error(client):
     with pytest.raises(AppError, match="all four box corners"):
         client.predict(handle_file(MARIGOLD), handle_file(YELLOW), 10, None, None, None, 5, api_name="/match_patches")
+
+
+def test_app_startup_error_is_one_line_and_exit_code_2(tiny_vit, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DINO_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "--model", str(tiny_vit), "--device", "cpu",
+                           "--index", str(tmp_path / "missing-index")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "No index folder at" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_app_settings_come_from_env_then_the_command_line():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    env = {"DINO_MODEL": "env/model", "DINO_INDEX": "hf://a/b", "DINO_PORT": "9000", "DINO_K": "4"}
+    settings = app.load_settings(["--port", "7000", "--allow-faces"], env)
+    assert (settings.model, settings.index, settings.port, settings.k, settings.face_gate) == \
+        ("env/model", "hf://a/b", 7000, 4, False)
+    assert app.load_settings(["--index", "idx"], env).index == "idx"

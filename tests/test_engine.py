@@ -186,3 +186,18 @@ def test_result_pictures_have_the_box_drawn(engine, indexed):
     plain = np.asarray(engine.result_image(item.id), dtype=int)
     drawn = np.asarray(item.picture, dtype=int)
     assert np.abs(plain - drawn).sum() > 0  # something was drawn on the thumbnail
+
+
+def test_upload_index_offline_fails_in_one_clear_line(monkeypatch, indexed, tmp_path):
+    from huggingface_hub import constants
+
+    from index_builder.hub_upload import upload_index
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnreachable) as caught:
+        upload_index(indexed[2].path, "someone/my-index")
+    assert "\n" not in str(caught.value) and "hf upload --repo-type dataset someone/my-index" in str(caught.value)
+    from dino_demo.errors import UserError
+
+    with pytest.raises(UserError, match="not a finished index"):
+        upload_index(tmp_path, "someone/my-index")
