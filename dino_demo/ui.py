@@ -24,7 +24,7 @@ import gradio as gr
 from gradio_image_annotation import image_annotator
 
 from .config import Settings
-from .engine import Engine, FaceRefused, MatchResult, SearchResults
+from .engine import Engine, MatchResult, SearchResults
 from .errors import UserError
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "collection"
@@ -93,10 +93,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FaceRefused as e:
-            raise gr.Error(str(e), title="Photo of a person", print_exception=False) from None
-        except UserError as e:
-            raise gr.Error(str(e), title="Cannot do that", print_exception=False) from None
+        except UserError as e:  # FaceRefused included: its message says why and what to do
+            raise gr.Error(str(e), print_exception=False) from None
     return wrapper
 
 

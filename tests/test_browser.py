@@ -131,3 +131,29 @@ def test_patch_matching_tab_draws_matches_for_a_box_on_a(page, screenshots):
     save_screenshot(page, screenshots, "patch-matching")
     box = re.search(r'"box":\[([-\d.,]+)\]', json_text(page, "#match-json")).group(1)
     assert [float(v) for v in box.split(",")] == pytest.approx([60, 130, 470, 320], abs=4)
+
+
+def test_face_photo_shows_a_clear_message_and_the_page_keeps_working(page):
+    import matplotlib.cbook
+
+    page.get_by_role("tab", name="Image retrieval").click()
+    page.locator("#query input[type=file]").set_input_files(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    page.locator("#query img").first.wait_for()
+    page.locator("#search-image").click()
+    page.get_by_text("This image shows a person's face").first.wait_for(timeout=60_000)
+    page.locator("#query input[type=file]").set_input_files(str(COLLECTION / "lomiri-dogs-at-window.jpg"))
+    page.locator("#search-image").click()
+    page.wait_for_function(
+        """() => document.querySelector('#image-results .caption-label')?.innerText.startsWith('two spaniel dogs')""",
+        timeout=60_000)
+
+
+def test_region_example_with_its_box_searches_in_one_click(page):
+    page.get_by_role("tab", name="Region retrieval").click()
+    examples = [e for e in page.locator("button.gallery-item").all() if e.is_visible()]
+    examples[1].click()  # the dogs, box on the upper dog's head
+    page.wait_for_timeout(500)
+    page.locator("#search-region").click()
+    page.wait_for_function(
+        """() => document.querySelector('#region-results .caption-label')?.innerText.startsWith('two spaniel dogs')""",
+        timeout=60_000)
