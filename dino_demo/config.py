@@ -42,6 +42,10 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".cache" / "dino-demo")
     collection: Path = DEFAULT_COLLECTION  # indexed once per model when no index is given
 
+    def __post_init__(self):
+        if not 1 <= self.k <= self.max_k:
+            raise SettingsError(f"The default number of results ({self.k}) must be between 1 and {self.max_k}.")
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Settings":
         """Settings with each DINO_* variable that is set (and not empty) applied over the defaults."""

@@ -19,8 +19,8 @@ def upload_index(folder: str | Path, repo: str, private: bool = False) -> str:
         raise UserError(f"'{repo}' is not a repo id; write it as USER/REPO.")
     if not hub_reachable():  # require_hub's message speaks of downloading; this is an upload
         raise HubUnreachable(f"Cannot reach the Hugging Face Hub to upload the index to {repo}; "
-                             f"the index is complete in {folder}: upload it later with `hf upload --repo-type "
-                             f"dataset {repo} {folder}` or rerun with --push-to-hub where there is internet.")
+                             f"the index is complete in {folder}: where there is internet, upload it with "
+                             f"`hf upload --repo-type dataset {repo} {folder}`.")
     api = HfApi()
     api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="dataset",
