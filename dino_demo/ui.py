@@ -125,6 +125,8 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
 
     @user_errors
     def search_from_result(ids, k, evt: gr.SelectData, progress=gr.Progress()):
+        if not isinstance(evt.index, int) or not 0 <= evt.index < len(ids or []):
+            raise gr.Error("That result is no longer shown; run the search again.")
         image_id = ids[evt.index]
         results = engine.search_similar(image_id, _int(k, "number of results"), reporter(progress))
         return engine.result_image(image_id), gallery_of(results), results.to_json(), [i.id for i in results.items]
