@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk (default 1024)")
     p.add_argument("--thumb-size", type=int, default=256, help="longer side of stored thumbnails in pixels (default 256)")
     p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
+    p.add_argument("--push-to-hub", metavar="USER/REPO", help="then upload the index as a dataset repo (serve it with --index hf://USER/REPO)")
     return p
 
 
@@ -79,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
           f"({rate:.1f} images/s this run{resumed})", file=sys.stderr)
     if report.skipped:
         print("skipped: " + ", ".join(f"{n} {r}" for r, n in report.skipped.most_common()), file=sys.stderr)
+    if args.push_to_hub:
+        from .hub_upload import upload_index
+        print(f"uploaded to {upload_index(args.out, args.push_to_hub)}", file=sys.stderr)
     return 0
 
 

@@ -135,3 +135,41 @@ def test_a_build_killed_mid_way_resumes_to_the_same_index(tmp_path, tiny_vit):
     assert again.meta.column("source_row").to_pylist() == list(range(40))  # each image exactly once
     np.testing.assert_allclose(again.global_index.reconstruct_n(0, 40), whole.global_index.reconstruct_n(0, 40), atol=1e-5)
     np.testing.assert_allclose(again.patch_index.reconstruct_n(0, 640), whole.patch_index.reconstruct_n(0, 640), atol=1e-3)
+
+
+def test_push_to_hub_offline_keeps_the_index_and_says_how_to_upload_it(tmp_path, tiny_vit):
+    folder = write_imagefolder(tmp_path / "images", 3)
+    out = tmp_path / "idx"
+    done = subprocess.run([sys.executable, "-m", "index_builder", "--dataset", str(folder), "--model", str(tiny_vit),
+                           "--out", str(out), "--workers", "0", "--no-skip-faces", "--push-to-hub", "me/my-index"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Cannot reach the Hugging Face Hub") and "hf upload --repo-type dataset me/my-index" in last
+    assert load_index(out).count == 3  # the build itself is kept
+
+
+def test_push_to_hub_uploads_the_finished_files_only(monkeypatch, tmp_path, embedder, image_folder):
+    import huggingface_hub
+
+    from index_builder import hub_upload
+
+    build(image_folder, embedder, tmp_path / "idx", limit=3)
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, **kw):
+            calls.append(("create", repo, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload", kw))
+
+    monkeypatch.setattr(hub_upload, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    url = hub_upload.upload_index(tmp_path / "idx", "me/my-index")
+    assert url == "https://huggingface.co/datasets/me/my-index"
+    assert calls[0] == ("create", "me/my-index", {"repo_type": "dataset", "private": False, "exist_ok": True})
+    upload = calls[1][1]
+    assert upload["folder_path"] == str(tmp_path / "idx") and upload["repo_type"] == "dataset"
+    assert "_build/**" in upload["ignore_patterns"]
