@@ -21,18 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
-
-def save_vits16(folder: Path) -> Path:
-    """A ViT-S/16 with DINO's shape and random weights: same compute as facebook/dino-vits16."""
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                       intermediate_size=1536, image_size=224, patch_size=16)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
 
 
 def write_jpegs(folder: Path, count: int) -> Path:
@@ -60,13 +50,13 @@ def time_model(embedder, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def time_decode(folder: Path, workers: int) -> float:
+def time_decode(folder: Path, workers: int, skip_faces: bool = False) -> float:
     from index_builder.build import _batches, _decoded
     from index_builder.source import open_source
 
     source = open_source(str(folder))
     started = time.perf_counter()
-    count = sum(len(d.rows) for d in _decoded(_batches(source.rows(), 64), (224, 0, False, 40_000_000), workers))
+    count = sum(len(d.rows) for d in _decoded(_batches(source.rows(), 64), (224, 0, skip_faces, 40_000_000), workers))
     return count / (time.perf_counter() - started)
 
 
@@ -106,6 +96,8 @@ def main() -> None:
                       f"{rate:9.1f} images/s  ({1000 / rate:.1f} ms/image)")
         decode = time_decode(images, args.workers)
         print(f"decode+resize, {args.workers} workers: {decode:9.1f} images/s")
+        gated = time_decode(images, args.workers, skip_faces=True)
+        print(f"decode+resize+face gate, {args.workers} workers: {gated:9.1f} images/s")
         batch = max(int(b) for b in args.batches.split(","))
         build = time_build(images, embedder, args.workers, batch)
         limit = min(max(model_rates), decode)

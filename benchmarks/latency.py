@@ -19,21 +19,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 COLLECTION = ROOT / "assets" / "collection"
 STEPS = ("load", "embed", "search", "draw", "total", "round_trip")
 
-
-def save_vits16(folder: Path) -> Path:
-    """A random ViT-S/16 (384 dims, 12 layers, 6 heads) with its image processor."""
-    import torch
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                       patch_size=16, image_size=224)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
-    return folder
 
 
 def free_port() -> int:
