@@ -1,0 +1,163 @@
+"""`python -m index_builder.eval` on tiny models: the synthetic copy-detection suite, and each
+protocol's figures against a brute-force ranking computed here."""
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+from dino_demo.evaluation import RevisitedTruth, revisited_map, summarise
+from dino_demo.images import load_image
+from dino_demo.index import load_index
+from dino_demo.search import search_region
+from index_builder.build import BuildOptions, build_index
+from index_builder.copies import TRANSFORMS
+from index_builder.eval import main
+from index_builder.source import open_source
+
+
+def build(folder: Path, embedder, out: Path):
+    build_index(open_source(str(folder)), embedder, str(out), BuildOptions(workers=0, skip_faces=False))
+    return load_index(out, embedder.describe())
+
+
+def run_eval(tmp_path, *args) -> dict:
+    out = tmp_path / "figures.json"
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
+    return json.loads(out.read_text())
+
+
+def figures(report: dict, search: str, index: str | None = None) -> dict:
+    return next(r["metrics"] for r in report["results"] if r["search"] == search and (index is None or r["index"] == index))
+
+
+def brute_force_rows(index, embedder, image) -> list[int]:
+    """Source rows of all indexed images, most similar CLS first, by numpy."""
+    stored = index.global_index.reconstruct_n(0, index.count)
+    order = np.argsort(-(stored @ embedder.embed([image]).cls[0]), kind="stable")
+    return index.meta.column("source_row").to_numpy()[order].tolist()
+
+
+@pytest.fixture(scope="module")
+def copy_suite(tmp_path_factory, embedder):
+    """40 generated photos (the first 8 are the originals, the rest distractors), indexed twice."""
+    folder = tmp_path_factory.mktemp("copies") / "images"
+    folder.mkdir()
+    for i in range(40):
+        make_image(i, ((160, 120), (120, 160), (140, 140))[i % 3]).save(folder / f"img{i:03d}.png")
+    root = folder.parent
+    return folder, build(folder, embedder, root / "exact-a"), build(folder, embedder, root / "exact-b")
+
+
+def test_synthetic_copy_suite_finds_every_original_at_rank_one_from_its_exact_copy(copy_suite, tmp_path):
+    folder, a, b = copy_suite
+    report = run_eval(tmp_path, "--index", str(a.path), str(b.path), "--queries", str(folder),
+                      "--protocol", "copies", "--synthetic", "8")
+    assert report["query_count"] == 8 * len(TRANSFORMS)
+    assert len(report["results"]) == 4  # two indexes x image and region search
+    for result in report["results"]:
+        metrics = result["metrics"]
+        assert set(metrics) == {"all", *TRANSFORMS}
+        assert metrics["exact"]["map"] == pytest.approx(1.0) and metrics["exact"]["queries"] == 8
+        assert metrics["exact"]["precision"]["1"] == pytest.approx(1.0)
+        assert all(0.0 <= m["map"] <= 1.0 and m["queries"] == 8 for name, m in metrics.items() if name != "all")
+    # the two indexes hold the same vectors, so they must score the same
+    assert figures(report, "image", str(a.path)) == figures(report, "image", str(b.path))
+
+
+def test_copy_detection_map_matches_brute_force(copy_suite, tmp_path, embedder):
+    folder, index, _ = copy_suite
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(folder), "--protocol", "copies",
+                      "--synthetic", "3", "--transforms", "crop,jpeg", "--searches", "image", "--seed", "9")
+    from index_builder.eval_sets import load_copies
+
+    eval_set = load_copies(str(folder), "train", set(range(40)), 3, ["crop", "jpeg"], 9)
+    rankings = [brute_force_rows(index, embedder, image) for image in eval_set.images()]
+    expected = summarise(rankings, [{q.truth} for q in eval_set.queries])
+    assert [q.truth for q in eval_set.queries] == [0, 0, 1, 1, 2, 2]
+    assert figures(report, "image")["all"]["map"] == pytest.approx(expected.map, abs=1e-6)
+
+
+def test_labels_leave_one_out_matches_brute_force(tmp_path, embedder):
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    lines = ["file_name,label"]
+    for i in range(15):
+        make_image(i, (96, 72)).save(folder / f"img{i:02d}.png")
+        lines.append(f"img{i:02d}.png,class {i % 4}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    index = build(folder, embedder, tmp_path / "idx")
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(folder), "--protocol", "labels",
+                      "--leave-one-out")
+    labels = [f"class {i % 4}" for i in range(15)]
+    rankings, positives = [], []
+    for row in range(15):
+        ranking = brute_force_rows(index, embedder, load_image(folder / f"img{row:02d}.png"))
+        rankings.append([r for r in ranking if r != row])
+        positives.append({r for r in range(15) if labels[r] == labels[row] and r != row})
+    expected = summarise(rankings, positives, ks=(1, 5, 10))
+    got = figures(report, "image")["all"]
+    assert got["queries"] == 15
+    assert got["map"] == pytest.approx(expected.map, abs=1e-6)
+    assert [got["precision"][str(k)] for k in (1, 5, 10)] == pytest.approx([expected.precision[k] for k in (1, 5, 10)])
+    assert 0 <= figures(report, "region")["all"]["map"] <= 1
+
+
+@pytest.fixture
+def revisited(tmp_path, embedder):
+    """A ground truth in gnd_roxford5k.pkl's format: 20 database images listed in shuffled order,
+    4 query images that sit in jpg/ too (as in the real data) but not in imlist."""
+    rng = np.random.default_rng(0)
+    jpg = tmp_path / "rtest" / "jpg"
+    jpg.mkdir(parents=True)
+    db = [f"db_{i:02d}" for i in range(20)]
+    for i, name in enumerate(db):
+        make_image(200 + i, (96, 72)).save(jpg / f"{name}.jpg", quality=95)
+    queries = [f"q_{j}" for j in range(4)]
+    for j, name in enumerate(queries):
+        make_image(200 + 3 * j, (96, 72)).save(jpg / f"{name}.jpg", quality=80)  # a copy of db image 3j
+    imlist = [db[i] for i in rng.permutation(20)]
+    gnd = []
+    for j in range(4):
+        items = rng.permutation(20).tolist()
+        gnd.append({"bbx": [0.0, 0.0, 40.0, 30.0], "easy": items[:3], "hard": items[3:5], "junk": items[5:7]})
+    gnd[3]["hard"] = []  # a query with no hard positive is left out of Hard, as revisitop does
+    with open(tmp_path / "rtest" / "gnd_rtest.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": queries, "gnd": gnd}, f)
+    index = build(jpg, embedder, tmp_path / "ridx")
+    return tmp_path / "rtest", index, imlist, queries, gnd
+
+
+def test_revisited_protocol_matches_brute_force_with_the_query_box(revisited, tmp_path, embedder):
+    root, index, imlist, queries, gnd = revisited
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(root))  # protocol found from gnd_*.pkl
+    assert report["protocol"] == "revisited" and report["query_count"] == 4
+    position = {name: i for i, name in enumerate(imlist)}
+    name_of_row = {row.index: Path(row.image["path"]).stem for row in open_source(str(root / "jpg")).rows()}
+    truths = [RevisitedTruth(g["easy"], g["hard"], g["junk"]) for g in gnd]
+
+    def as_items(rows):  # the query images are indexed too but are not in the protocol's database
+        return [position[name_of_row[r]] for r in rows if name_of_row[r] in position]
+
+    images = [load_image(root / "jpg" / f"{q}.jpg") for q in queries]
+    by_image = [as_items(brute_force_rows(index, embedder, im)) for im in images]
+    by_region = []
+    for image in images:
+        hits = search_region(index, embedder.embed([image]), (0, 0, 40, 30), k=1000)
+        by_region.append(as_items([index.row(h.id)["source_row"] for h in hits]))
+    for search, rankings in (("image", by_image), ("region", by_region)):
+        expected, got = revisited_map(rankings, truths), figures(report, search)
+        assert got["medium"]["map"] == pytest.approx(expected["medium"].map, abs=1e-6)
+        assert got["hard"]["map"] == pytest.approx(expected["hard"].map, abs=1e-6)
+        assert got["medium"]["queries"] == 4 and got["hard"]["queries"] == 3
+
+
+def test_revisited_without_ground_truth_says_what_to_give(tmp_path, embedder, capsys, copy_suite):
+    folder, index, _ = copy_suite
+    code = main(["--index", str(index.path), "--queries", str(folder), "--protocol", "revisited",
+                 "--out", str(tmp_path / "x.json"), "--device", "cpu"])
+    assert code == 2
+    assert "gnd_roxford5k.pkl" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
