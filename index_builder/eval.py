@@ -164,16 +164,15 @@ def _factories(index: Index) -> dict[str, str]:
 
 
 def format_table(results: list[Result]) -> str:
-    """One line per index and search; mAP (and precision@k where measured) in percent."""
-    columns = [(name, None) for name in results[0].metrics] + [
-        (name, k) for name, s in results[0].metrics.items() for k in s.precision]
-    header = ["index", "factories", "search"] + [f"{n} mAP" if k is None else f"{n} P@{k}" for n, k in columns]
-    lines = [header]
+    """One line per index, search and query set (e.g. medium / hard, or a transform); figures in percent."""
+    ks = sorted({k for r in results for s in r.metrics.values() for k in s.precision})
+    lines = [["index", "factories", "search", "set", "queries", "mAP"] + [f"P@{k}" for k in ks]]
     for r in results:
-        cells = [r.metrics[n].map if k is None else r.metrics[n].precision[k] for n, k in columns]
         factories = f"{r.factories['global']} / {r.factories['patch']}"
-        lines.append([r.index, factories, r.search] + [f"{100 * v:.1f}" for v in cells])
-    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
+        for name, s in r.metrics.items():
+            precision = [f"{100 * s.precision[k]:.1f}" if k in s.precision else "" for k in ks]
+            lines.append([r.index, factories, r.search, name, str(s.queries), f"{100 * s.map:.1f}"] + precision)
+    widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
 
 

@@ -51,10 +51,15 @@ def copy_suite(tmp_path_factory, embedder):
     return folder, build(folder, embedder, root / "exact-a"), build(folder, embedder, root / "exact-b")
 
 
-def test_synthetic_copy_suite_finds_every_original_at_rank_one_from_its_exact_copy(copy_suite, tmp_path):
+def test_synthetic_copy_suite_finds_every_original_at_rank_one_from_its_exact_copy(copy_suite, tmp_path, capsys):
     folder, a, b = copy_suite
     report = run_eval(tmp_path, "--index", str(a.path), str(b.path), "--queries", str(folder),
                       "--protocol", "copies", "--synthetic", "8")
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["index", "factories", "search", "set", "queries", "mAP", "P@1"]
+    exact_rows = [line.split() for line in table if " exact " in line]
+    assert len(table) == 1 + 2 * 2 * (1 + len(TRANSFORMS)) and len(exact_rows) == 4
+    assert all(row[-2:] == ["100.0", "100.0"] for row in exact_rows)
     assert report["query_count"] == 8 * len(TRANSFORMS)
     assert len(report["results"]) == 4  # two indexes x image and region search
     for result in report["results"]:
