@@ -20,9 +20,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import UserError
+from .index_types import IndexSpec, build_faiss, choose_spec, open_faiss_file, train_size
+from .patch_select import PatchLayout, layout_of, reduce_patches
 
 FORMAT_VERSION = 1
 MANIFEST, GLOBAL, PATCHES, META = "manifest.json", "global.faiss", "patches.faiss", "meta.parquet"
+CELLS = "patch_cells.npy"  # (count, slots) int16: the grid cell of each stored salient patch
 BUILD_DIR = "_build"
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("source_row", pa.int64()), ("width", pa.int32()),
@@ -77,6 +80,8 @@ class Writer:
         else:
             write_atomic(info_path, json.dumps(build_info, indent=2).encode())
         self.build_info = build_info
+        self.layout = layout_of(build_info.get("patches"))
+        self.grid = tuple(build_info["model"]["grid"])
         for stale in self.work.glob("*.tmp*"):  # half-written chunk of a killed run
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
 
@@ -103,58 +108,102 @@ class Writer:
         skipped: Counter,
     ) -> None:
         """Record the images of source rows [row_start, row_end); rows not in `meta` were skipped."""
+        patches, cells = reduce_patches(self.layout, cls, patches, self.grid) if len(meta) else (patches, None)
         index = len(self.chunks())
         final = self.work / f"chunk-{index:07d}"
         tmp = self.work / f"chunk-{index:07d}.tmp"
         tmp.mkdir()
         np.save(tmp / "cls.npy", cls.astype(np.float32))
         np.save(tmp / "patches.npy", patches.astype(np.float16))  # halves the scratch space
+        if cells is not None:
+            np.save(tmp / "cells.npy", cells)
         pq.write_table(_meta_table(meta, ids=range(len(meta))), tmp / "meta.parquet")
         info = {"row_start": row_start, "row_end": row_end, "count": len(meta), "skipped": dict(skipped)}
         (tmp / "info.json").write_text(json.dumps(info))
         os.replace(tmp, final)
 
-    def finalize(self, manifest_extra: dict) -> dict:
-        """Assemble the chunks into the index folder and return its manifest."""
-        chunks = self.chunks()
-        model = self.build_info["model"]
-        dim, per_image = model["dim"], model["grid"][0] * model["grid"][1]
-        global_index, patch_index = faiss.IndexFlatIP(dim), faiss.IndexFlatIP(dim)
-        tables, skipped, next_id = [], Counter(), 0
+    def finalize(self, manifest_extra: dict, index_type: str = "auto") -> dict:
+        """Assemble the chunks into the index folder and return its manifest.
+
+        Each FAISS index is trained on a sample and filled chunk by chunk, so the exact vectors of
+        a large build are never all in memory at once (the compressed index being built is).
+        """
+        chunks = [c for c in self.chunks() if c.count]
+        skipped = sum((c.skipped for c in self.chunks()), Counter())
+        count = sum(c.count for c in chunks)
+        if count == 0:
+            raise IndexFolderError(f"No image could be indexed (skipped: {_describe(skipped)}).")
+        dim, slots = self.build_info["model"]["dim"], self.layout.slots(self.grid)
+        specs = {"global": choose_spec(count, dim, "global", index_type),
+                 "patch": choose_spec(count * slots, dim, "patch", index_type)}
+        for name, file, kind in (("cls", GLOBAL, "global"), ("patches", PATCHES, "patch")):
+            self._write_faiss(chunks, name, specs[kind], self.out / file)
+        if self.layout.mode == "salient":
+            _write_npy(np.concatenate([np.load(c.path / "cells.npy") for c in chunks]), self.out / CELLS)
+        self._write_meta(chunks)
+        manifest = self._manifest(count, slots, specs, skipped, manifest_extra)
+        write_atomic(self.out / MANIFEST, json.dumps(manifest, indent=2).encode())
+        shutil.rmtree(self.work)
+        return manifest
+
+    def _write_faiss(self, chunks: list[Chunk], name: str, spec: IndexSpec, path: Path) -> None:
+        dim = self.build_info["model"]["dim"]
+
+        def vectors(chunk: Chunk) -> np.ndarray:  # (rows, dim) float16/32, memory-mapped
+            return np.load(chunk.path / f"{name}.npy", mmap_mode="r").reshape(-1, dim)
+
+        total = sum(len(vectors(c)) for c in chunks)
+        sample = _sample([vectors(c) for c in chunks], total, train_size(spec, total))
+        index = build_faiss(spec, dim, sample, lambda: (vectors(c) for c in chunks))
+        _write_index(index, path)
+
+    def _write_meta(self, chunks: list[Chunk]) -> None:
+        tables, next_id = [], 0
         for chunk in chunks:  # ids follow source order, so a resumed build gets the same ids
-            skipped += chunk.skipped
-            if not chunk.count:
-                continue
-            global_index.add(np.load(chunk.path / "cls.npy"))
-            patches = np.load(chunk.path / "patches.npy", mmap_mode="r")
-            patch_index.add(np.ascontiguousarray(patches, dtype=np.float32).reshape(-1, dim))
             table = pq.read_table(chunk.path / "meta.parquet")
             ids = pa.array(np.arange(next_id, next_id + table.num_rows), pa.int64())
             tables.append(table.set_column(0, "id", ids))
             next_id += table.num_rows
-        if next_id == 0:
-            raise IndexFolderError(f"No image could be indexed (skipped: {_describe(skipped)}).")
-        _write_index(global_index, self.out / GLOBAL)
-        _write_index(patch_index, self.out / PATCHES)
         tmp_meta = self.out / f".{META}.tmp"
         pq.write_table(pa.concat_tables(tables), tmp_meta)
         os.replace(tmp_meta, self.out / META)
-        manifest = {
+
+    def _manifest(self, count: int, slots: int, specs: dict, skipped: Counter, extra: dict) -> dict:
+        return {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": model,
-            "count": next_id,
-            "patches_per_image": per_image,
+            "model": self.build_info["model"],
+            "count": count,
+            "patches_per_image": slots,
+            "patches": self.layout.describe(),
             "metric": "inner_product",
-            "global_factory": "Flat",
-            "patch_factory": "Flat",
+            "global_factory": specs["global"].factory,
+            "global_search": specs["global"].search_params,
+            "patch_factory": specs["patch"].factory,
+            "patch_search": specs["patch"].search_params,
             "skipped": dict(skipped),
-            **{k: v for k, v in self.build_info.items() if k != "model"},
-            **manifest_extra,
+            **{k: v for k, v in self.build_info.items() if k not in ("model", "patches")},
+            **extra,
         }
-        write_atomic(self.out / MANIFEST, json.dumps(manifest, indent=2).encode())
-        shutil.rmtree(self.work)
-        return manifest
+
+
+def _sample(arrays: list[np.ndarray], total: int, size: int) -> np.ndarray:
+    """About `size` rows drawn evenly at random from `arrays`, read one array at a time."""
+    if size <= 0:
+        return np.zeros((0, arrays[0].shape[1]), np.float32)
+    rng, picked = np.random.default_rng(0), []
+    for array in arrays:
+        take = min(len(array), int(round(size * len(array) / total)))
+        rows = np.sort(rng.choice(len(array), take, replace=False))
+        picked.append(np.asarray(array[rows], dtype=np.float32))
+    return np.concatenate(picked)
+
+
+def _write_npy(array: np.ndarray, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
@@ -190,6 +239,7 @@ class Index:
     global_index: faiss.Index
     patch_index: faiss.Index
     meta: pa.Table
+    patch_cells: np.ndarray | None = None  # (count, slots) int16, memory-mapped; salient layout only
 
     @property
     def count(self) -> int:
@@ -198,6 +248,14 @@ class Index:
     @property
     def patches_per_image(self) -> int:
         return int(self.manifest["patches_per_image"])
+
+    @property
+    def layout(self) -> PatchLayout:
+        return layout_of(self.manifest.get("patches"))
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.manifest["model"]["grid"])
 
     def row(self, image_id: int) -> dict:
         """Metadata of one image: id, source_row, width, height, label, thumbnail (JPEG bytes)."""
@@ -214,8 +272,8 @@ def load_index(path: str | Path, model: dict | None = None) -> Index:
     if model is not None:
         check_model(manifest, model, path)
     meta = _open_meta(path / META)
-    global_index = _open_faiss(path / GLOBAL)
-    patch_index = _open_faiss(path / PATCHES)
+    global_index = _open_faiss(path / GLOBAL, manifest.get("global_search", ""))
+    patch_index = _open_faiss(path / PATCHES, manifest.get("patch_search", ""))
     count, per_image, dim = manifest["count"], manifest["patches_per_image"], manifest["model"]["dim"]
     for name, index, expected in ((GLOBAL, global_index, count), (PATCHES, patch_index, count * per_image)):
         if index.ntotal != expected or index.d != dim:
@@ -225,7 +283,8 @@ def load_index(path: str | Path, model: dict | None = None) -> Index:
             )
     if meta.num_rows != count:
         raise IndexFolderError(f"{path / META} has {meta.num_rows} rows for {count} images; rebuild the index.")
-    return Index(path, manifest, global_index, patch_index, meta)
+    cells = _open_cells(path / CELLS, (count, per_image)) if layout_of(manifest.get("patches")).mode == "salient" else None
+    return Index(path, manifest, global_index, patch_index, meta, cells)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -266,11 +325,11 @@ def _model_name(model_id: str) -> str:
     return Path(str(model_id).rstrip("/")).name
 
 
-def _open_faiss(file: Path) -> faiss.Index:
+def _open_faiss(file: Path, search_params: str) -> faiss.Index:
     if not file.is_file():
         raise IndexFolderError(f"{file} is missing; the index is incomplete, rebuild it.")
     try:
-        return faiss.read_index(str(file), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        return open_faiss_file(str(file), search_params)
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "unreadable"
         raise IndexFolderError(f"{file} is damaged ({reason}); rebuild the index.") from None
@@ -286,3 +345,15 @@ def _open_meta(file: Path) -> pa.Table:
     if table.schema.names != META_SCHEMA.names:
         raise IndexFolderError(f"{file} has columns {table.schema.names}, expected {META_SCHEMA.names}; rebuild.")
     return table
+
+
+def _open_cells(file: Path, shape: tuple[int, int]) -> np.ndarray:
+    if not file.is_file():
+        raise IndexFolderError(f"{file} is missing; the index is incomplete, rebuild it.")
+    try:
+        cells = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise IndexFolderError(f"{file} is damaged ({e}); rebuild the index.") from None
+    if cells.shape != shape:
+        raise IndexFolderError(f"{file} has shape {cells.shape}, expected {shape}; rebuild the index.")
+    return cells

@@ -6,7 +6,6 @@ patch index only has to find candidates, never to rank them.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +13,7 @@ import numpy as np
 from .errors import UserError
 from .index import Index
 from .model import Features, patch_boxes
+from .patch_select import slot_cells, slots_to_grid
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in an image's own pixels
 
@@ -97,33 +97,31 @@ def search_region(
 
 def _candidates(index: Index, query: np.ndarray, per_patch: int) -> list[int]:
     """Image ids ordered by votes: the sum over query patches of each image's best hit."""
-    per_image = index.patches_per_image
-    scores, ids = index.patch_index.search(query, min(per_patch, index.patch_index.ntotal))
-    votes: dict[int, np.ndarray] = defaultdict(lambda: np.zeros(len(query), np.float32))
-    for q in range(len(query)):
-        for score, pid in zip(scores[q], ids[q]):
-            if pid < 0:
-                continue
-            best = votes[int(pid) // per_image]
-            best[q] = max(best[q], score)
-    return sorted(votes, key=lambda i: -float(votes[i].sum()))
+    scores, ids = index.patch_index.search(query, min(per_patch, index.patch_index.ntotal))  # (m, per_patch)
+    found = ids >= 0
+    which = np.broadcast_to(np.arange(len(query))[:, None], ids.shape)[found]
+    images, slot = np.unique(ids[found] // index.patches_per_image, return_inverse=True)
+    best = np.zeros((len(images), len(query)), np.float32)  # an image's best score per query patch
+    np.maximum.at(best, (slot, which), scores[found])
+    return images[np.argsort(-best.sum(axis=1), kind="stable")].tolist()
 
 
 def image_patches(index: Index, image_id: int) -> np.ndarray:
-    """(p, d) patch vectors of one indexed image, read back from the patch index."""
+    """(slots, d) stored patch vectors of one indexed image, read back from the patch index
+    (from 8-bit codes in a compressed index: near exact, so the re-ranking is too)."""
     per_image = index.patches_per_image
     return index.patch_index.reconstruct_n(image_id * per_image, per_image)
 
 
 def _rerank(index: Index, query: np.ndarray, image_id: int, with_heat: bool) -> Hit:
     """Exact score of one candidate: mean over query patches of their best similarity in it."""
-    grid = tuple(index.manifest["model"]["grid"])
-    sims = query @ image_patches(index, image_id).T  # (m, p)
-    best = sims.argmax(axis=1)
-    score = float(sims.max(axis=1).mean())
-    box = match_box(index.size(image_id), grid, best)
-    heat = sims.max(axis=0).reshape(grid) if with_heat else None
-    return Hit(image_id, score, box, heat)
+    grid = index.grid
+    sims = query @ image_patches(index, image_id).T  # (m, slots)
+    cells = None if index.patch_cells is None else index.patch_cells[image_id]
+    covered = slot_cells(index.layout, grid, cells)  # exact grid cells of each stored slot
+    box = match_box(index.size(image_id), grid, np.concatenate([covered[b] for b in sims.argmax(axis=1)]))
+    heat = slots_to_grid(sims.max(axis=0), covered, grid) if with_heat else None
+    return Hit(image_id, float(sims.max(axis=1).mean()), box, heat)
 
 
 def match_box(size: tuple[int, int], grid: tuple[int, int], patches: np.ndarray) -> Box:

@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk (default 1024)")
     p.add_argument("--thumb-size", type=int, default=256, help="longer side of stored thumbnails in pixels (default 256)")
     p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
+    p.add_argument("--patches", default="auto", help="patch vectors kept per image for region search: all, pooled (2x2), "
+                   "salient[:N] (the N most CLS-like, default 16), or auto: all up to 20,000 images, else salient")
+    p.add_argument("--index-type", default="auto", choices=("auto", "flat", "compressed"),
+                   help="auto: exact search for small collections, IVF-PQ beyond (see README, Scale); or force one")
     p.add_argument("--push-to-hub", metavar="USER/REPO", help="then upload the index as a dataset repo (serve it with --index hf://USER/REPO)")
     return p
 
@@ -57,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     options = BuildOptions(
         batch_size=args.batch_size, workers=args.workers, chunk_size=args.chunk_size,
         thumb_size=args.thumb_size, skip_faces=args.skip_faces, limit=args.limit,
+        patches=args.patches, index_type=args.index_type,
     )
     source = open_source(args.dataset, args.split, args.image_column, args.label_column, args.streaming)
     embedder = Embedder(args.model, device=args.device, input_size=args.input_size, batch_size=args.batch_size)

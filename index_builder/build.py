@@ -18,6 +18,7 @@ import numpy as np
 from dino_demo.faces import FaceGate
 from dino_demo.images import ImageError, load_image, make_thumbnail
 from dino_demo.index import Writer
+from dino_demo.index_types import choose_layout
 from dino_demo.model import Embedder, prepare_image
 
 from .source import Row, Source
@@ -32,6 +33,8 @@ class BuildOptions:
     skip_faces: bool = True
     limit: int | None = None  # stop after this many source rows
     max_pixels: int = 40_000_000
+    patches: str = "all"  # patch vectors stored per image: all | pooled | salient[:N] | auto (by size)
+    index_type: str = "auto"  # auto (by size) | flat (exact) | compressed (IVF-PQ); see index_types
 
 
 @dataclass
@@ -122,6 +125,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
         "source": source.describe(),
         "skip_faces": options.skip_faces,
         "thumb_size": options.thumb_size,
+        "patches": choose_layout(options.patches, source.num_rows, options.limit).describe(),
     }
     writer = Writer(out_dir, build_info)
     start = writer.resume_row()
@@ -141,7 +145,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
         if buffer.count >= options.chunk_size:
             buffer.flush(writer)
     buffer.flush(writer)
-    manifest = writer.finalize({})
+    manifest = writer.finalize({}, options.index_type)
     seconds = time.perf_counter() - started
     rows = buffer.row_end - start
     return BuildReport(manifest["count"], Counter(manifest["skipped"]), seconds, start, rows, manifest)

@@ -1,0 +1,95 @@
+"""FAISS index types chosen by collection size, kept as data: a factory string and search parameters.
+
+The rule (also in the README): up to `FLAT_MAX` vectors an index is exact (`Flat`, inner product);
+beyond, it is `IVF{nlist},PQ{m},Refine(SQ8)`: an inverted file of product-quantised codes finds
+candidates, and 8-bit scalar codes of every vector re-score them almost exactly. nlist ~ 4·sqrt(n)
+(a power of two), m = one byte per 8 dims (global) or 12 dims (patches), trained on a sample of at
+most `TRAIN_MAX` vectors. HNSW was not chosen: faiss cannot memory-map its graph, and it needs
+the full vectors in RAM. Files are opened with IO_FLAG_MMAP_IFC, so codes and inverted lists
+stay on disk and only the pages a query touches are read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import faiss
+import numpy as np
+
+from .errors import UserError
+from .patch_select import PatchLayout
+
+INDEX_TYPES = ("auto", "flat", "compressed")
+FLAT_MAX = {"global": 100_000, "patch": 500_000}  # exact search stays within ~10 ms / ~50 ms here
+DIMS_PER_BYTE = {"global": 8, "patch": 12}
+TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
+ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores salient patches only
+RERANK_FACTOR = {"global": 10, "patch": 1}  # candidates re-scored per result (patches: image re-rank follows)
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What to build for one kind of vector: a FAISS factory string and its search parameters."""
+
+    factory: str  # "Flat" or e.g. "IVF4096,PQ48,Refine(SQ8)"
+    search_params: str  # faiss ParameterSpace string, e.g. "nprobe=32,k_factor_rf=10"; "" when exact
+
+    @property
+    def trained(self) -> bool:
+        return self.factory != "Flat"
+
+
+def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> IndexSpec:
+    """The index for `count` vectors of `dim` dims; `kind` is 'global' or 'patch'."""
+    if index_type not in INDEX_TYPES:
+        raise UserError(f"--index-type {index_type!r} is not one of {', '.join(INDEX_TYPES)}.")
+    if index_type == "flat" or (index_type == "auto" and count <= FLAT_MAX[kind]):
+        return IndexSpec("Flat", "")
+    nlist = _nlist(count)
+    m = _bytes_per_code(dim, DIMS_PER_BYTE[kind])
+    nprobe = min(nlist, max(8, nlist // 32))
+    return IndexSpec(f"IVF{nlist},PQ{m},Refine(SQ8)", f"nprobe={nprobe},k_factor_rf={RERANK_FACTOR[kind]}")
+
+
+def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:
+    """The patch layout for `--patches`; `auto` keeps every patch of a small collection only."""
+    if patches != "auto":
+        return PatchLayout.parse(patches)
+    known = [x for x in (num_rows, limit) if x is not None]  # a stream of unknown length counts as large
+    return PatchLayout() if known and min(known) <= ALL_PATCHES_MAX_IMAGES else PatchLayout.parse("salient")
+
+
+def _nlist(count: int) -> int:
+    """A power of two near 4·sqrt(count), with at least ~39 training points per list."""
+    target = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count))))
+    return int(max(1, min(target, 65536, 2 ** int(math.log2(max(1, count // 39))))))
+
+
+def _bytes_per_code(dim: int, dims_per_byte: int) -> int:
+    """The largest divisor of `dim` at most dim / dims_per_byte (PQ needs m to divide d)."""
+    target = max(1, dim // dims_per_byte)
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def train_size(spec: IndexSpec, count: int) -> int:
+    """How many vectors to sample for training: all of a small set, at most TRAIN_MAX."""
+    return min(count, TRAIN_MAX) if spec.trained else 0
+
+
+def build_faiss(spec: IndexSpec, dim: int, sample: np.ndarray, batches: Callable[[], Iterable[np.ndarray]]) -> faiss.Index:
+    """Train `spec` on `sample` (n, dim) float32, then add `batches` in id order, one at a time."""
+    index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if spec.trained:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    for batch in batches():
+        index.add(np.ascontiguousarray(batch, dtype=np.float32))
+    return index
+
+
+def open_faiss_file(path: str, search_params: str) -> faiss.Index:
+    """Memory-map an index file (codes and inverted lists stay on disk) and set its search parameters."""
+    index = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY)
+    if search_params:
+        faiss.ParameterSpace().set_index_parameters(index, search_params)
+    return index
