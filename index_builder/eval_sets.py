@@ -64,14 +64,17 @@ def load_revisited(location: str, split: str, database: str | None, limit: int |
         queries, item_of_row = _revisited_files(folder, database)
     else:
         queries, item_of_row = _revisited_collection(location, split), None
-    queries = queries[:limit]
+    queries, notes = queries[:limit], []
+    if item_of_row is not None:
+        notes.append(f"{len(set(item_of_row.values()))} images of the ground truth's database found; images "
+                     "not in its imlist (such as its query images) are left out of the rankings.")
 
     def score(index: Index, rankings: list[list[int]]) -> dict[str, Summary]:
         if item_of_row is not None:  # rows outside the protocol's database (its queries) drop out
             rankings = [[item_of_row[r] for r in ranking if r in item_of_row] for ranking in rankings]
         return revisited_map(rankings, [q.truth for q in queries])
 
-    return EvalSet("revisited", queries, "the ground truth's query box (bbx)", score)
+    return EvalSet("revisited", queries, "the ground truth's query box (bbx)", score, notes)
 
 
 def _revisited_files(folder: Path, database: str | None) -> tuple[list[Query], dict[int, int]]:

@@ -157,6 +157,31 @@ def test_revisited_protocol_matches_brute_force_with_the_query_box(revisited, tm
         assert got["medium"]["map"] == pytest.approx(expected["medium"].map, abs=1e-6)
         assert got["hard"]["map"] == pytest.approx(expected["hard"].map, abs=1e-6)
         assert got["medium"]["queries"] == 4 and got["hard"]["queries"] == 3
+    assert report["notes"][0].startswith("20 images of the ground truth's database found")
+
+
+def test_revisited_ground_truth_from_a_collection_indexes_rows(tmp_path, embedder):
+    """A datasets collection of queries with bbx/easy/hard/junk columns, indices being source rows."""
+    db, queries = tmp_path / "db", tmp_path / "queries"
+    db.mkdir(), queries.mkdir()
+    for i in range(12):
+        make_image(300 + i, (96, 72)).save(db / f"img{i:02d}.png")
+    truths, lines = [], []
+    for j in range(3):
+        make_image(300 + 4 * j, (96, 72)).save(queries / f"q{j}.jpg", quality=70)
+        truth = RevisitedTruth(easy=[4 * j, (4 * j + 5) % 12], hard=[(4 * j + 7) % 12], junk=[(4 * j + 1) % 12])
+        truths.append(truth)
+        lines.append(json.dumps({"file_name": f"q{j}.jpg", "bbx": [10, 10, 80, 60], "easy": truth.easy,
+                                 "hard": truth.hard, "junk": truth.junk}))
+    (queries / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    index = build(db, embedder, tmp_path / "idx")
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(queries), "--protocol", "revisited",
+                      "--searches", "image")
+    rankings = [brute_force_rows(index, embedder, load_image(queries / f"q{j}.jpg")) for j in range(3)]
+    expected = revisited_map(rankings, truths)
+    got = figures(report, "image")
+    assert got["medium"]["map"] == pytest.approx(expected["medium"].map, abs=1e-6)
+    assert got["hard"]["map"] == pytest.approx(expected["hard"].map, abs=1e-6)
 
 
 def test_revisited_without_ground_truth_says_what_to_give(tmp_path, embedder, capsys, copy_suite):
