@@ -36,6 +36,7 @@ class Settings:
     queue_size: int = 16  # waiting requests beyond this get a "busy, try again" message
     concurrency: int = 1  # requests run at once; on 2 cores more only makes each slower
     face_gate: bool = True  # refuse photos of people (--allow-faces turns it off)
+    upload_lifetime: int = 3600  # seconds an upload or result picture stays on disk before it is deleted
     host: str | None = None  # None: Gradio's default (127.0.0.1, or GRADIO_SERVER_NAME)
     port: int = 7860
     share: bool = False
@@ -76,6 +77,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "queue_size": ("DINO_QUEUE_SIZE", "requests that may wait; more get a busy message"),
     "concurrency": ("DINO_CONCURRENCY", "requests served at once"),
     "face_gate": ("DINO_FACE_GATE", "1 (default) refuses photos of people; 0 accepts them"),
+    "upload_lifetime": ("DINO_UPLOAD_LIFETIME", "seconds an upload or result picture is kept on disk"),
     "host": ("DINO_HOST", "address to listen on (0.0.0.0 in a container)"),
     "port": ("DINO_PORT", "port to listen on"),
     "share": ("DINO_SHARE", "1 makes a temporary public gradio.live link"),

@@ -21,6 +21,7 @@ import functools
 from pathlib import Path
 
 import gradio as gr
+from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
 
 from .config import Settings
@@ -54,13 +55,30 @@ def image_path(payload) -> str | bytes | None:
     if payload is None:
         return None
     if isinstance(payload, str):
-        return payload
+        return uploaded_file(payload)
     if payload.get("path"):
-        return payload["path"]
+        return uploaded_file(payload["path"])
     url = payload.get("url") or ""
     if url.startswith("data:") and "," in url:
         return base64.b64decode(url.split(",", 1)[1])
     return None
+
+
+def uploaded_file(path: str) -> str:
+    """`path` if it is a file uploaded to this app; any other server path is refused unread.
+
+    Events run with preprocess=False, so Gradio's own "was it uploaded?" check does not see a payload
+    without its FileData tag: without this, {"path": "/etc/passwd"} would reach the decoder.
+    """
+    uploads = Path(gr_utils.get_upload_folder()).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(uploads):
+        raise gr.Error("Upload the image itself: this app only reads files uploaded to it, "
+                       "not paths or URLs on the server.", print_exception=False)
+    if not resolved.is_file():
+        raise gr.Error("The uploaded image is no longer on the server (uploads are deleted after a while); "
+                       "please upload it again.", print_exception=False)
+    return str(resolved)
 
 
 def annotation_box(annotator: image_annotator, value) -> tuple[str | bytes | None, tuple | None]:
@@ -157,7 +175,10 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
         return show_match(engine.match(image_a, image_path(image_b), box, _int(n, "number of lines"), reporter(progress)))
 
     k_max = settings.max_k
-    with gr.Blocks(title="DINO image search") as demo:
+    # Uploads and result pictures live in Gradio's temp folder and are deleted once older than
+    # upload_lifetime (checked every quarter of it), and all of them when the server stops.
+    lifetime = settings.upload_lifetime
+    with gr.Blocks(title="DINO image search", delete_cache=(max(1, lifetime // 4), lifetime)) as demo:
         gr.Markdown(
             "## DINO image search\nFind similar images, regions and matching parts in "
             f"**{engine.index.count} indexed images** with self-supervised "
