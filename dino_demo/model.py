@@ -9,6 +9,7 @@ cropping (the processors' default for DINOv2) would drop content a user may box.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,11 @@ from PIL import Image
 
 from .errors import UserError
 from .hub import require_hub
+from .onnx_backend import BackendUnavailable, OnnxModel, backend_order, load_onnx_model
 
 DEFAULT_MODEL = "facebook/dinov2-small"
+DEFAULT_ONNX_CACHE = Path.home() / ".cache" / "dino-demo" / "onnx"
+log = logging.getLogger(__name__)
 KNOWN_MODELS = (
     "facebook/dinov2-small", "facebook/dinov2-base",
     "facebook/dinov2-with-registers-small", "facebook/dinov2-with-registers-base",
@@ -116,7 +120,9 @@ def _from_pretrained(source: str, kwargs: dict):
 class Embedder:
     """Images in, L2-normalised CLS and patch features out, in batches, on cuda / mps / cpu.
 
-    On a GPU the model runs in bfloat16 (features are returned as float32).
+    On a GPU the model runs in bfloat16 (features are returned as float32). On a CPU, `backend`
+    "auto" runs it through ONNX Runtime with int8 weights (or float32 if int8 strays from the torch
+    features), falling back to plain torch with a warning; "torch" never tries ONNX.
     """
 
     def __init__(
@@ -127,6 +133,8 @@ class Embedder:
         batch_size: int = 32,
         revision: str | None = None,
         bf16: bool | None = None,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
     ):
         self.model_id, self.revision = model_id, revision
         self.device = pick_device(device)
@@ -152,6 +160,18 @@ class Embedder:
         self._mean, self._std = mean.to(self.device), std.to(self.device)
         self._interpolate = {"interpolate_pos_encoding": True} if self.model_type == "vit" else {}
         self._lock = threading.Lock()  # one forward at a time; attention() switches the kernel
+        order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
+        self._onnx: OnnxModel | None = self._load_onnx(order, Path(cache_dir or DEFAULT_ONNX_CACHE))
+        self.backend: str = self._onnx.backend if self._onnx else "torch"
+
+    def _load_onnx(self, order: list[str], cache_dir: Path) -> OnnxModel | None:
+        """The first ONNX backend of `order` that loads and passes its check; None: use torch."""
+        for backend, fallback in zip(order, [*order[1:], "torch"]):
+            try:
+                return load_onnx_model(self.model, self.input_size, backend, cache_dir, self._interpolate)
+            except BackendUnavailable as e:
+                log.warning("%s; using %s instead.", e, fallback)
+        return None
 
     @property
     def patches_per_image(self) -> int:
@@ -188,7 +208,10 @@ class Embedder:
     def embed_prepared(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> Features:
         """Features of a (n, S, S, 3) uint8 batch made by `prepare`; `sizes` are the originals."""
         with self._lock:
-            hidden = self.model(pixel_values=self._to_input(pixels), **self._interpolate).last_hidden_state
+            if self._onnx is not None:
+                hidden = torch.from_numpy(self._onnx(self._to_input(pixels).numpy()))
+            else:
+                hidden = self.model(pixel_values=self._to_input(pixels), **self._interpolate).last_hidden_state
         hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
         cls = hidden[:, 0]
         patches = hidden[:, self.num_prefix_tokens :]

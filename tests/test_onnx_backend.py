@@ -1,0 +1,98 @@
+import logging
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import make_image
+from dino_demo.errors import UserError
+from dino_demo.model import Embedder
+from dino_demo.onnx_backend import BackendUnavailable, backend_order, load_onnx_model
+
+IMAGES = [make_image(i, (80 + 9 * i, 60)) for i in range(3)]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-vector cosine (both are L2-normalised already)."""
+    return np.sum(a * b, axis=-1)
+
+
+@pytest.mark.parametrize("fixture, backend", [
+    ("tiny_vit", "onnx"), ("tiny_vit", "onnx-int8"), ("tiny_dinov2", "onnx"), ("tiny_dinov2", "onnx-int8"),
+    ("tiny_registers", "onnx"),  # its position embeddings go through an antialiased resize we export
+])
+def test_onnx_backends_give_the_torch_features(request, tmp_path, fixture, backend):
+    folder = str(request.getfixturevalue(fixture))
+    plain = Embedder(folder, device="cpu").embed(IMAGES)
+    fast = Embedder(folder, device="cpu", backend=backend, cache_dir=tmp_path, batch_size=2)
+    assert fast.backend == backend
+    features = fast.embed(IMAGES)  # batches of 2 then 1: the exported batch axis is dynamic
+    assert features.cls.shape == plain.cls.shape and features.patches.shape == plain.patches.shape
+    assert features.grid == plain.grid and features.sizes == plain.sizes
+    assert cosines(features.cls, plain.cls).min() >= 0.99
+    assert cosines(features.patches, plain.patches).min() >= 0.99
+    np.testing.assert_allclose(np.linalg.norm(features.patches, axis=-1), 1, atol=1e-5)
+
+
+def test_without_onnxruntime_auto_falls_back_to_torch_with_one_warning(tiny_vit, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what `import onnxruntime` sees when it is missing
+    with caplog.at_level(logging.WARNING):
+        embedder = Embedder(str(tiny_vit), device="cpu", backend="auto", cache_dir=tmp_path)
+    assert embedder.backend == "torch"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned and all("onnxruntime" in m and "\n" not in m for m in warned)
+    assert "using torch" in warned[-1]
+    expected = Embedder(str(tiny_vit), device="cpu").embed(IMAGES)
+    np.testing.assert_allclose(embedder.embed(IMAGES).cls, expected.cls, atol=1e-6)
+    assert not list(tmp_path.iterdir())  # nothing exported
+
+
+def test_a_failed_export_falls_back_to_torch(tiny_vit, tmp_path, caplog):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING):
+        embedder = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=blocked / "onnx")
+    assert embedder.backend == "torch"
+    assert any("export failed" in r.getMessage() for r in caplog.records)
+    assert embedder.embed(IMAGES).cls.shape == (3, 32)
+
+
+def test_the_export_is_cached_and_reused(tiny_vit, tmp_path):
+    first = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path)
+    made = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert first._onnx.path.name in made and len(made) == 2  # the model and its check verdict
+    second = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path)
+    assert second._onnx.path == first._onnx.path and second._onnx.cosine == first._onnx.cosine
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == made  # nothing rewritten
+    np.testing.assert_allclose(second.embed(IMAGES).cls, first.embed(IMAGES).cls, atol=1e-6)
+    other_size = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path, input_size=96)
+    assert other_size._onnx.path != first._onnx.path  # the input size is part of the key
+    assert other_size.embed(IMAGES).patches.shape[1] == 36
+
+
+def test_an_export_further_than_the_minimum_cosine_is_refused_and_remembered(tiny_vit, tmp_path):
+    model = Embedder(str(tiny_vit), device="cpu")
+    with pytest.raises(BackendUnavailable, match="too far from float32"):
+        load_onnx_model(model.model, 64, "onnx-int8", tmp_path, model._interpolate, min_cosine=1.01)
+    made = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(BackendUnavailable, match="too far from float32"):
+        load_onnx_model(model.model, 64, "onnx-int8", tmp_path, model._interpolate, min_cosine=1.01)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == made  # the cached verdict, no new export
+    assert load_onnx_model(model.model, 64, "onnx-int8", tmp_path, model._interpolate).cosine > 0.99
+
+
+def test_attention_maps_still_come_from_torch_with_an_onnx_backend(tiny_vit, tmp_path):
+    fast = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path)
+    plain = Embedder(str(tiny_vit), device="cpu")
+    np.testing.assert_allclose(fast.attention(IMAGES[0]), plain.attention(IMAGES[0]), atol=1e-6)
+
+
+def test_backend_order_tries_int8_then_float32_on_cpu_and_torch_alone_on_a_gpu():
+    assert backend_order("auto", "cpu") == ["onnx-int8", "onnx"]
+    assert backend_order("onnx-int8", "cpu") == ["onnx-int8", "onnx"]
+    assert backend_order("onnx", "cpu") == ["onnx"]
+    assert backend_order("torch", "cpu") == [] and backend_order("auto", "cuda") == []
+    with pytest.raises(UserError, match="--device cpu"):
+        backend_order("onnx-int8", "cuda")
+    with pytest.raises(UserError, match="auto, torch, onnx, onnx-int8"):
+        backend_order("tensorrt", "cpu")
