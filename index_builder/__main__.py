@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 from dino_demo.errors import UserError
 from dino_demo.model import DEFAULT_MODEL, KNOWN_MODELS
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: rerun the same command to resume the build in {args.out}", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        # Finished chunks are complete on disk (atomic renames); only the one being written is lost.
+        print(f"error: {e.strerror} writing {e.filename or args.out}; free some space and rerun the same "
+              "command: the build resumes from its last finished chunk.", file=sys.stderr)
+        return 2
 
 
 def run(args: argparse.Namespace) -> int:
