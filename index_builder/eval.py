@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database", help="revisited: the image folder the index was built from (default: QUERIES/jpg)")
     p.add_argument("--image-column", help="labels: column holding the images")
     p.add_argument("--label-column", help="labels: column holding the labels (default: label/caption if present)")
-    p.add_argument("--leave-one-out", action="store_true", help="labels: the queries are the indexed collection; ignore each query's own image")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="labels: the queries are the indexed collection; ignore each query's own image")
     p.add_argument("--synthetic", type=int, default=100, metavar="N", help="copies: originals to copy (default 100)")
     p.add_argument("--transforms", default=",".join(TRANSFORMS), help=f"copies: comma-separated (default {','.join(TRANSFORMS)})")
     p.add_argument("--seed", type=int, default=0, help="copies: random seed of the transforms")

@@ -92,11 +92,13 @@ def _revisited_files(folder: Path, database: str | None) -> tuple[list[Query], d
     for row in source.rows():
         path = row.image.get("path") if isinstance(row.image, dict) else row.image
         if not isinstance(path, str):
-            raise SourceError(f"{database or images} gives no file names; pass --database, the image folder the index was built from.")
+            raise SourceError(f"{database or images} gives no file names; "
+                              "pass --database, the image folder the index was built from.")
         if Path(path).stem in position:
             item_of_row[row.index] = position[Path(path).stem]
     if not item_of_row:
-        raise SourceError(f"No image of {database or images} is in {gnd_file.name}'s imlist; pass --database, the folder the index was built from.")
+        raise SourceError(f"No image of {database or images} is in {gnd_file.name}'s imlist; "
+                          "pass --database, the folder the index was built from.")
     return queries, item_of_row
 
 
