@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dino_demo.config import ENV_VARS, Settings
 from dino_demo.errors import UserError
+from dino_demo.onnx_backend import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="index folder or hf://USER/REPO (default: index the bundled collection once)")
     p.add_argument("--model", help="hub id or local folder of the DINO / DINOv2 backbone")
     p.add_argument("--device", help="auto, cpu, cuda or mps")
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="how the CPU embeds queries: auto (ONNX Runtime int8, else torch), torch, onnx, onnx-int8")
     p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
     p.add_argument("--k", type=int, help="results shown by default")
     p.add_argument("--host", help="address to listen on (0.0.0.0 to serve other machines)")
@@ -35,7 +38,8 @@ def load_settings(argv: list[str] | None, environ) -> Settings:
     """Environment first, then the command line on top."""
     args = build_parser().parse_args(argv)
     settings = Settings.from_env(environ).with_overrides(
-        index=args.index, model=args.model, device=args.device, input_size=args.input_size, k=args.k,
+        index=args.index, model=args.model, device=args.device, backend=args.backend,
+        input_size=args.input_size, k=args.k,
         host=args.host, port=args.port, share=args.share, cache_dir=args.cache_dir,
     )
     return settings.with_overrides(face_gate=False) if args.allow_faces else settings

@@ -12,6 +12,7 @@ from typing import Mapping
 from .errors import UserError
 from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from .model import DEFAULT_MODEL
+from .onnx_backend import BACKENDS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_COLLECTION = ROOT / "assets" / "collection"
@@ -30,6 +31,7 @@ class Settings:
     k: int = 8  # results shown by default
     max_k: int = 50  # the most results one query may ask for
     device: str = "auto"
+    backend: str = "auto"  # query embedding on a CPU: ONNX Runtime int8 when it loads, else torch
     input_size: int | None = None  # model input side in pixels; None: the model's own
     max_upload_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -46,6 +48,8 @@ class Settings:
     def __post_init__(self):
         if not 1 <= self.k <= self.max_k:
             raise SettingsError(f"The default number of results ({self.k}) must be between 1 and {self.max_k}.")
+        if self.backend not in BACKENDS:
+            raise SettingsError(f"Unknown backend '{self.backend}': use one of {', '.join(BACKENDS)}.")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Settings":
@@ -71,6 +75,7 @@ ENV_VARS: dict[str, tuple[str, str]] = {
     "k": ("DINO_K", "results shown by default"),
     "max_k": ("DINO_MAX_K", "the most results a query may ask for"),
     "device": ("DINO_DEVICE", "auto, cpu, cuda or mps"),
+    "backend": ("DINO_BACKEND", "auto (ONNX Runtime int8 on a CPU, else torch), torch, onnx or onnx-int8"),
     "input_size": ("DINO_INPUT_SIZE", "model input side in pixels (a multiple of the patch size)"),
     "max_upload_bytes": ("DINO_MAX_UPLOAD_BYTES", "largest accepted upload in bytes"),
     "max_pixels": ("DINO_MAX_PIXELS", "largest accepted image in pixels (width x height)"),

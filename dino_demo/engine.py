@@ -127,7 +127,8 @@ class Engine:
     def open(cls, settings: Settings, progress: Callable[[int, int], None] | None = None,
              gate: FaceGate | NoFaceGate | None = None) -> "Engine":
         """Load the model, then the index (a folder, hf://USER/REPO, or the default collection built once)."""
-        embedder = Embedder(settings.model, device=settings.device, input_size=settings.input_size)
+        embedder = Embedder(settings.model, device=settings.device, input_size=settings.input_size,
+                            backend=settings.backend, cache_dir=settings.cache_dir / "onnx")
         index = open_index(settings.index, embedder, settings.cache_dir, settings.collection,
                            skip_faces=settings.face_gate, progress=progress)
         if gate is None:

@@ -96,3 +96,29 @@ def test_backend_order_tries_int8_then_float32_on_cpu_and_torch_alone_on_a_gpu()
         backend_order("onnx-int8", "cuda")
     with pytest.raises(UserError, match="auto, torch, onnx, onnx-int8"):
         backend_order("tensorrt", "cpu")
+
+
+def test_the_backend_comes_from_DINO_BACKEND_then_the_command_line():
+    from app import load_settings
+    from dino_demo.config import Settings, SettingsError
+
+    assert Settings().backend == "auto"
+    assert load_settings([], {"DINO_BACKEND": "onnx"}).backend == "onnx"
+    assert load_settings(["--backend", "torch"], {"DINO_BACKEND": "onnx"}).backend == "torch"
+    with pytest.raises(SettingsError, match="DINO_BACKEND|Unknown backend 'fast'"):
+        Settings.from_env({"DINO_BACKEND": "fast"})
+
+
+def test_the_app_engine_embeds_with_the_backend_it_is_given(tiny_vit, tmp_path):
+    from dino_demo.config import Settings
+    from dino_demo.engine import Engine
+    from dino_demo.faces import NoFaceGate
+    from conftest import write_imagefolder
+
+    settings = Settings(model=str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path / "cache",
+                        collection=write_imagefolder(tmp_path / "images", 4))
+    engine = Engine.open(settings, gate=NoFaceGate())
+    assert engine.embedder.backend == "onnx"
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported under the app's cache folder
+    top = engine.search_image(str(tmp_path / "images" / "img001.jpg"), 1).items[0]
+    assert top.label == "picture 1" and top.score > 0.99  # an indexed image finds itself
