@@ -251,8 +251,10 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
                 api_match_box = [gr.Number(None, label=name) for name in ("x0", "y0", "x1", "y1")]
                 api_match_button = gr.Button("match_patches")
 
-        # Wiring: the three public endpoints, and the UI-only events kept out of the API.
-        raw = {"preprocess": False}
+        # Wiring: the three public endpoints, and the UI-only events kept out of the API. One
+        # concurrency group for all: Gradio otherwise limits each event separately, so `concurrency`
+        # would apply per endpoint and mixed requests would run several at once on the same cores.
+        raw = {"preprocess": False, "concurrency_id": "engine"}
         image_button.click(search_image, [query, image_k], [image_gallery, image_json, image_ids],
                            api_name="search_image", **raw)
         image_gallery.select(search_from_result, [image_ids, image_k], [query, image_gallery, image_json, image_ids],
