@@ -5,7 +5,7 @@ beyond, it is `IVF{nlist},PQ{m},Refine(SQ8)`: an inverted file of product-quanti
 candidates, and 8-bit scalar codes of every vector re-score them almost exactly. nlist ~ 4·sqrt(n)
 (a power of two), m = one byte per 8 dims (global) or 12 dims (patches), trained on a sample of at
 most `TRAIN_MAX` vectors. HNSW was not chosen: faiss cannot memory-map its graph, and it needs
-the full vectors in RAM. Files are opened with IO_FLAG_MMAP_IFC, so codes and inverted lists
+the full vectors in RAM. Under `COMPRESSED_MIN` vectors an index is always exact. Files are opened with IO_FLAG_MMAP_IFC, so codes and inverted lists
 stay on disk and only the pages a query touches are read.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from .patch_select import PatchLayout
 
 INDEX_TYPES = ("auto", "flat", "compressed")
 FLAT_MAX = {"global": 100_000, "patch": 500_000}  # exact search stays within ~10 ms / ~50 ms here
+COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
 DIMS_PER_BYTE = {"global": 8, "patch": 12}
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores salient patches only
@@ -44,12 +45,13 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
     """The index for `count` vectors of `dim` dims; `kind` is 'global' or 'patch'."""
     if index_type not in INDEX_TYPES:
         raise UserError(f"--index-type {index_type!r} is not one of {', '.join(INDEX_TYPES)}.")
-    if index_type == "flat" or (index_type == "auto" and count <= FLAT_MAX[kind]):
+    if index_type == "flat" or count < COMPRESSED_MIN or (index_type == "auto" and count <= FLAT_MAX[kind]):
         return IndexSpec("Flat", "")
     nlist = _nlist(count)
     m = _bytes_per_code(dim, DIMS_PER_BYTE[kind])
     nprobe = min(nlist, max(8, nlist // 32))
-    return IndexSpec(f"IVF{nlist},PQ{m},Refine(SQ8)", f"nprobe={nprobe},k_factor_rf={RERANK_FACTOR[kind]}")
+    bits = 8 if count >= 256 * 39 else 4  # a small forced-compressed set cannot train 256 centroids
+    return IndexSpec(f"IVF{nlist},PQ{m}x{bits},Refine(SQ8)", f"nprobe={nprobe},k_factor_rf={RERANK_FACTOR[kind]}")
 
 
 def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:

@@ -1,0 +1,176 @@
+"""Scale benchmark: build, memory, disk, latency and recall of the index types at 10k / 100k / 1M images.
+
+Vectors are SYNTHETIC, not from real images: 384 dims (ViT-S) and a 14x14 grid, clustered — each
+image is a background and an object (a 2-5 x 2-5 cell rectangle) drawn from count/20 shared concepts
+(each jittered per image, so similarity is a continuum), its patches noisy copies of them. The CLS
+vector leans towards the object (0.6 object, 0.4 background), as DINO's CLS attention does on
+real photos; `salient` then keeps mostly object patches — on real data that is an assumption. The index is built through the real `index.Writer` and searched through the real
+`search_image` / `search_region`; recall@10 is against exact brute-force search over every patch.
+
+    .venv/bin/python benchmarks/scale.py --sizes 10000,100000 --patches all,pooled,salient
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dino_demo.index import Writer, load_index  # noqa: E402
+from dino_demo.model import Features  # noqa: E402
+from dino_demo.search import search_image, search_region, select_patches  # noqa: E402
+
+DIM, GRID, CHUNK = 384, (14, 14), 1024
+SIZE = (224, 224)  # every synthetic image: one pixel box per 16 px patch
+
+
+class Synthetic:
+    """Deterministic clustered images: chunk `c` is the same on every call."""
+
+    def __init__(self, count: int, seed: int = 0, grid=GRID):
+        rng = np.random.default_rng(seed)
+        self.grid, self.seed = grid, seed
+        self.concepts = _unit(rng.standard_normal((max(50, count // 20), DIM), dtype=np.float32))
+        self.noise = rng.standard_normal((1 << 16, DIM), dtype=np.float32) / np.sqrt(DIM)
+
+    def images(self, start: int, n: int):
+        """cls (n, d), patches (n, cells, d), object boxes (n, 4) in grid cells."""
+        rng = np.random.default_rng([self.seed, start])
+        gh, gw = self.grid
+        own = lambda k: self.noise[rng.integers(0, len(self.noise), k)]  # noqa: E731
+        back = self.concepts[rng.integers(0, len(self.concepts), n)] + 0.7 * own(n)
+        obj = self.concepts[rng.integers(0, len(self.concepts), n)] + 0.7 * own(n)
+        r0, c0 = rng.integers(0, gh - 2, n), rng.integers(0, gw - 2, n)
+        r1, c1 = np.minimum(gh, r0 + rng.integers(2, 6, n)), np.minimum(gw, c0 + rng.integers(2, 6, n))
+        rows, cols = np.divmod(np.arange(gh * gw), gw)
+        inside = (rows >= r0[:, None]) & (rows < r1[:, None]) & (cols >= c0[:, None]) & (cols < c1[:, None])
+        patches = np.where(inside[..., None], obj[:, None], back[:, None])
+        patches = _unit(patches + 0.8 * own(n * gh * gw).reshape(n, gh * gw, DIM))
+        cls = _unit(0.4 * back + 0.6 * obj + 0.3 * own(n))
+        return cls, patches, np.stack([c0, r0, c1, r1], axis=1)
+
+
+def _unit(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def build(out: Path, data: Synthetic, count: int, patches: str, index_type: str) -> float:
+    model = {"id": "synthetic-vits16", "revision": None, "type": "vit", "input_size": 224,
+             "patch_size": 16, "dim": DIM, "grid": list(data.grid)}
+    mode, _, keep = patches.partition(":")
+    writer = Writer(out, {"model": model, "source": {}, "skip_faces": False, "thumb_size": 0,
+                          "patches": {"mode": mode, "keep": int(keep or 16) if mode == "salient" else 0}})
+    started = time.perf_counter()
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        cls, vectors, _ = data.images(start, n)
+        meta = [{"source_row": start + i, "width": SIZE[0], "height": SIZE[1]} for i in range(n)]
+        writer.add_chunk(start, start + n, cls, vectors, meta, Counter())
+    writer.finalize({}, index_type)
+    return time.perf_counter() - started
+
+
+def exact_truth(data: Synthetic, count: int, global_q: np.ndarray, region_q: list[np.ndarray], k: int = 10):
+    """Top-k ids by exact search: CLS inner product; region score over every patch (float32)."""
+    g_scores, r_scores = [], []
+    stacked = np.concatenate(region_q)
+    bounds = np.cumsum([0] + [len(q) for q in region_q])
+    for start in range(0, count, CHUNK):
+        cls, patches, _ = data.images(start, min(CHUNK, count - start))
+        g_scores.append(cls @ global_q.T)
+        best = (patches.reshape(-1, DIM) @ stacked.T).reshape(len(cls), -1, len(stacked)).max(axis=1)
+        r_scores.append(np.stack([best[:, a:b].mean(axis=1) for a, b in zip(bounds, bounds[1:])], axis=1))
+    top = lambda s: np.argsort(-np.concatenate(s), axis=0)[:k].T  # noqa: E731
+    return top(g_scores), top(r_scores)
+
+
+def queries(data: Synthetic, n_global: int, n_region: int):
+    """Held-out images (ids past any indexed size): global CLS queries and object-box region queries."""
+    cls, patches, boxes = data.images(10**9, max(n_global, n_region))
+    cell = SIZE[0] / data.grid[1]
+    region = []
+    for i in range(n_region):
+        box = tuple(float(v) * cell for v in boxes[i])
+        region.append((Features(cls[i:i + 1], patches[i:i + 1], data.grid, [SIZE]), box))
+    return cls[:n_global], region
+
+
+def timed(fn, items) -> tuple[list, np.ndarray]:
+    results, ms = [], []
+    for item in items:
+        t = time.perf_counter()
+        results.append(fn(item))
+        ms.append((time.perf_counter() - t) * 1000)
+    return results, np.array(ms)
+
+
+def recall(found: list[list[int]], truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t.tolist())) / len(t) for f, t in zip(found, truth)]))
+
+
+def rss_mb() -> float:
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None:
+    data = Synthetic(count, grid=(4, 4) if args.direct_patches else GRID)
+    out = work / f"{count}-{patches}-{index_type}"
+    build_s = build(out, data, count, patches, index_type)
+    disk = {f.name: f.stat().st_size for f in out.iterdir()}
+    before = rss_mb()
+    index = load_index(out)
+    loaded = rss_mb()
+    g_q, r_q = queries(data, args.queries, args.region_queries)
+    feats = [Features(q[None], np.zeros((1, 0, DIM), np.float32), data.grid, [SIZE]) for q in g_q]
+    g_hits, g_ms = timed(lambda f: search_image(index, f, 10), feats)
+    r_hits, r_ms = timed(lambda fb: search_region(index, fb[0], fb[1], 10), r_q)
+    served = rss_mb()
+    r_query = [fb[0].patches[0, select_patches(SIZE, data.grid, fb[1])] for fb in r_q]
+    g_truth, r_truth = exact_truth(data, count, g_q, r_query)
+    m = index.manifest
+    print(f"\n{count:,} images, patches={patches} ({m['patches_per_image']}/image), index-type={index_type}")
+    print(f"  global: {m['global_factory']} [{m['global_search']}]  patch: {m['patch_factory']} [{m['patch_search']}]")
+    print(f"  build+train (from vectors): {build_s:.1f} s = {count / build_s:,.0f} images/s")
+    print(f"  disk per image: " + ", ".join(f"{k} {v / count:,.0f} B" for k, v in sorted(disk.items())
+                                            if k.endswith((".faiss", ".npy"))))
+    print(f"  RSS: +{loaded - before:,.0f} MB on open, +{served - before:,.0f} MB after the queries (touched pages)")
+    print(f"  image search  p50 {np.percentile(g_ms, 50):.2f} ms  p95 {np.percentile(g_ms, 95):.2f} ms  "
+          f"recall@10 {recall([[h.id for h in hs] for hs in g_hits], g_truth):.3f}")
+    print(f"  region search p50 {np.percentile(r_ms, 50):.1f} ms  p95 {np.percentile(r_ms, 95):.1f} ms  "
+          f"recall@10 {recall([[h.id for h in hs] for hs in r_hits], r_truth):.3f}  (vs exact over all patches)")
+    del index
+    shutil.rmtree(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10000,100000", help="comma-separated image counts")
+    p.add_argument("--patches", default="all,pooled,salient", help="comma-separated --patches layouts")
+    p.add_argument("--index-type", default="auto", help="auto, flat or compressed (comma-separated to compare)")
+    p.add_argument("--queries", type=int, default=200, help="image-search queries")
+    p.add_argument("--region-queries", type=int, default=30, help="region-search queries")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--direct-patches", action="store_true",
+                   help="generate 16 patches per image directly (a 4x4 grid) instead of 196 reduced by the layout: for 1M")
+    p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    args = p.parse_args()
+    faiss.omp_set_num_threads(args.threads)
+    print(f"load average {os.getloadavg()}; {args.threads} threads; synthetic clustered vectors, {DIM} dims")
+    work = Path(args.work or tempfile.mkdtemp(prefix="scale-"))
+    for count in map(int, args.sizes.split(",")):
+        for patches in args.patches.split(","):
+            for index_type in args.index_type.split(","):
+                run_one(count, patches, index_type, args, work)
+    print(f"\nload average at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
