@@ -173,3 +173,16 @@ def test_push_to_hub_uploads_the_finished_files_only(monkeypatch, tmp_path, embe
     upload = calls[1][1]
     assert upload["folder_path"] == str(tmp_path / "idx") and upload["repo_type"] == "dataset"
     assert "_build/**" in upload["ignore_patterns"]
+
+
+def test_salient_patches_from_the_builder_find_each_image_with_a_box_inside_it(image_folder, embedder, tmp_path):
+    report = build(image_folder, embedder, tmp_path / "idx", patches="salient:6")
+    index = load_index(tmp_path / "idx", embedder.describe())
+    assert report.manifest["patches"] == {"mode": "salient", "keep": 6} and index.patches_per_image == 6
+    for image_id in range(index.count):
+        row = index.row(image_id)
+        w, h = row["width"], row["height"]
+        hit = search_region(index, embedder.embed([make_image(row["source_row"], (w, h))]), (0, 0, w, h), k=1)[0]
+        assert hit.id == image_id
+        x0, y0, x1, y1 = hit.box
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h

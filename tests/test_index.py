@@ -1,6 +1,7 @@
 import json
 from collections import Counter
 
+import faiss
 import numpy as np
 import pytest
 
@@ -142,3 +143,67 @@ def test_an_index_of_nothing_is_refused_with_the_reasons(tmp_path):
     writer.add_chunk(0, 2, np.zeros((0, 8)), np.zeros((0, 4, 8)), [], Counter({"face": 2}))
     with pytest.raises(IndexFolderError, match="2 face"):
         writer.finalize({})
+
+
+# --- compressed indexes (IVF-PQ chosen by --index-type or by size) ---------------------------------
+
+CMODEL = dict(MODEL, dim=32)
+CINFO = dict(INFO, model=CMODEL)
+
+
+def clustered(rng, *shape, clusters=40):
+    """Unit vectors around `clusters` centres: the structure real features have and IVF relies on."""
+    centres = unit(rng, clusters, shape[-1])
+    v = centres[rng.integers(0, clusters, shape[:-1])]
+    return _unit_rows(v + 0.4 * unit(rng, *shape))
+
+
+def _unit_rows(v):
+    return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """2,000 images (8,000 patch vectors) built as IVF-PQ, the build interrupted after 2 of 4 chunks."""
+    rng, folder = np.random.default_rng(3), tmp_path_factory.mktemp("ivf") / "idx"
+    cls, patches = clustered(rng, 2000, 32), clustered(rng, 2000, 4, 32)
+    writer = Writer(folder, CINFO)
+    for start in (0, 500):
+        writer.add_chunk(start, start + 500, cls[start:start + 500], patches[start:start + 500], meta_rows(range(start, start + 500)), Counter())
+    resumed = Writer(folder, CINFO)  # a new process after a crash
+    assert resumed.resume_row() == 1000
+    for start in (1000, 1500):
+        resumed.add_chunk(start, start + 500, cls[start:start + 500], patches[start:start + 500], meta_rows(range(start, start + 500)), Counter())
+    resumed.finalize({}, "compressed")
+    return load_index(folder, CMODEL), cls, patches
+
+
+def test_a_resumed_compressed_build_records_its_factory_and_search_parameters(compressed):
+    index, cls, _ = compressed
+    m = index.manifest
+    assert m["global_factory"] == "IVF32,PQ4x4,Refine(SQ8)" and m["patch_factory"] == "IVF128,PQ2x4,Refine(SQ8)"
+    assert m["global_search"] == "nprobe=8,k_factor_rf=10" and m["patch_search"] == "nprobe=8,k_factor_rf=1"
+    assert faiss.extract_index_ivf(index.global_index).nprobe == 8  # applied on opening
+    assert index.count == 2000 and index.patch_index.ntotal == 8000
+    assert [index.row(i)["source_row"] for i in (0, 999, 1000, 1999)] == [0, 999, 1000, 1999]
+    # re-ranking reads 8-bit codes back: near the exact vectors
+    np.testing.assert_allclose(index.global_index.reconstruct_n(0, 2000), cls, atol=0.02)
+
+
+def test_compressed_search_finds_each_image_first_and_agrees_with_exact_search(compressed):
+    index, cls, _ = compressed
+    scores, ids = index.global_index.search(cls[:100], 10)
+    assert (ids[:, 0] == np.arange(100)).all()
+    exact = np.argsort(-(cls[:100] @ cls.T), axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+    assert recall >= 0.9, recall
+
+
+def test_compressed_index_files_are_opened_memory_mapped(compressed, monkeypatch):
+    import dino_demo.index_types as index_types
+
+    flags = []
+    real = faiss.read_index
+    monkeypatch.setattr(index_types.faiss, "read_index", lambda path, f: flags.append(f) or real(path, f))
+    load_index(compressed[0].path)
+    assert flags == [faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY] * 2

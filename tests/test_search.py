@@ -118,3 +118,35 @@ def test_match_box_surrounds_the_matched_patches():
     # one stray match far away does not blow the box up to the whole image
     many = np.array([5] * 10 + [6] * 10 + [15])
     assert match_box((400, 200), (4, 4), many) == (100, 50, 300, 100)
+
+
+def reduced_index(folder, vectors, patches):
+    cls, all_patches = vectors
+    writer = Writer(folder, {"model": MODEL, "source": {}, "skip_faces": False, "thumb_size": 0, "patches": patches})
+    meta = [{"source_row": i, "width": 100 + i, "height": 80, "label": None, "thumbnail": None} for i in range(COUNT)]
+    writer.add_chunk(0, COUNT, cls, all_patches, meta, Counter())
+    writer.finalize({})
+    return load_index(folder, MODEL)
+
+
+def test_pooled_region_search_finds_the_image_and_boxes_the_pooled_block(tmp_path, vectors):
+    cls, patches = vectors
+    index = reduced_index(tmp_path / "idx", vectors, {"mode": "pooled", "keep": 0})
+    assert index.patches_per_image == 4 and index.patch_index.ntotal == 4 * COUNT
+    hits = search_region(index, query(cls[3], patches[3]), (0, 0, 32, 32), k=3, with_heat=True)  # cells 0, 1, 4, 5
+    w, h = index.size(3)
+    assert hits[0].id == 3 and hits[0].box == pytest.approx((0, 0, w / 2, h / 2))
+    assert hits[0].heat.shape == GRID and hits[0].heat[0, 0] == hits[0].heat.max()
+
+
+def test_salient_region_search_finds_the_image_and_boxes_the_kept_cell(tmp_path, vectors):
+    cls, patches = vectors
+    index = reduced_index(tmp_path / "idx", vectors, {"mode": "salient", "keep": 4})
+    assert index.patches_per_image == 4 and index.patch_cells.shape == (COUNT, 4)
+    cell = int(index.patch_cells[5][1])  # a patch image 5 kept
+    r, c = divmod(cell, GRID[1])
+    box = (c * 16 + 4, r * 16 + 4, c * 16 + 12, r * 16 + 12)  # inside that patch of a 64x64 query
+    hits = search_region(index, query(cls[5], patches[5]), box, k=3)
+    w, h = index.size(5)
+    assert hits[0].id == 5 and hits[0].score == pytest.approx(1, abs=1e-3)
+    assert hits[0].box == pytest.approx((c * w / 4, r * h / 4, (c + 1) * w / 4, (r + 1) * h / 4))
