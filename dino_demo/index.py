@@ -27,6 +27,7 @@ FORMAT_VERSION = 1
 MANIFEST, GLOBAL, PATCHES, META = "manifest.json", "global.faiss", "patches.faiss", "meta.parquet"
 CELLS = "patch_cells.npy"  # (count, slots) int16: the grid cell of each stored salient patch
 BUILD_DIR = "_build"
+THUMB_GROUP = 128  # rows per parquet row group: reading one thumbnail decodes only its group
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("source_row", pa.int64()), ("width", pa.int32()),
     ("height", pa.int32()), ("label", pa.string()), ("thumbnail", pa.binary()),
@@ -165,7 +166,7 @@ class Writer:
             tables.append(table.set_column(0, "id", ids))
             next_id += table.num_rows
         tmp_meta = self.out / f".{META}.tmp"
-        pq.write_table(pa.concat_tables(tables), tmp_meta)
+        pq.write_table(pa.concat_tables(tables), tmp_meta, row_group_size=THUMB_GROUP)
         os.replace(tmp_meta, self.out / META)
 
     def _manifest(self, count: int, slots: int, specs: dict, skipped: Counter, extra: dict) -> dict:
@@ -238,7 +239,8 @@ class Index:
     manifest: dict
     global_index: faiss.Index
     patch_index: faiss.Index
-    meta: pa.Table
+    meta: pa.Table  # every column but the thumbnails, which are read one row group at a time
+    thumbnails: pq.ParquetFile
     patch_cells: np.ndarray | None = None  # (count, slots) int16, memory-mapped; salient layout only
 
     @property
@@ -259,7 +261,10 @@ class Index:
 
     def row(self, image_id: int) -> dict:
         """Metadata of one image: id, source_row, width, height, label, thumbnail (JPEG bytes)."""
-        return {name: self.meta.column(name)[image_id].as_py() for name in self.meta.column_names}
+        row = {name: self.meta.column(name)[image_id].as_py() for name in self.meta.column_names}
+        group, offset = divmod(image_id, self.thumbnails.metadata.row_group(0).num_rows)
+        row["thumbnail"] = self.thumbnails.read_row_group(group, ["thumbnail"]).column(0)[offset].as_py()
+        return row
 
     def size(self, image_id: int) -> tuple[int, int]:
         return int(self.meta.column("width")[image_id].as_py()), int(self.meta.column("height")[image_id].as_py())
@@ -271,7 +276,7 @@ def load_index(path: str | Path, model: dict | None = None) -> Index:
     manifest = _read_manifest(path)
     if model is not None:
         check_model(manifest, model, path)
-    meta = _open_meta(path / META)
+    meta, thumbnails = _open_meta(path / META)
     global_index = _open_faiss(path / GLOBAL, manifest.get("global_search", ""))
     patch_index = _open_faiss(path / PATCHES, manifest.get("patch_search", ""))
     count, per_image, dim = manifest["count"], manifest["patches_per_image"], manifest["model"]["dim"]
@@ -284,7 +289,7 @@ def load_index(path: str | Path, model: dict | None = None) -> Index:
     if meta.num_rows != count:
         raise IndexFolderError(f"{path / META} has {meta.num_rows} rows for {count} images; rebuild the index.")
     cells = _open_cells(path / CELLS, (count, per_image)) if layout_of(manifest.get("patches")).mode == "salient" else None
-    return Index(path, manifest, global_index, patch_index, meta, cells)
+    return Index(path, manifest, global_index, patch_index, meta, thumbnails, cells)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -335,16 +340,18 @@ def _open_faiss(file: Path, search_params: str) -> faiss.Index:
         raise IndexFolderError(f"{file} is damaged ({reason}); rebuild the index.") from None
 
 
-def _open_meta(file: Path) -> pa.Table:
+def _open_meta(file: Path) -> tuple[pa.Table, pq.ParquetFile]:
+    """The small columns in RAM; thumbnails stay in the file (5M of them would not fit in 16 GB)."""
     if not file.is_file():
         raise IndexFolderError(f"{file} is missing; the index is incomplete, rebuild it.")
     try:
-        table = pq.read_table(file, memory_map=True)
+        parquet = pq.ParquetFile(file, memory_map=True)
+        table = parquet.read(columns=[n for n in META_SCHEMA.names if n != "thumbnail"])
     except (OSError, pa.ArrowException) as e:
         raise IndexFolderError(f"{file} is damaged ({e}); rebuild the index.") from None
-    if table.schema.names != META_SCHEMA.names:
-        raise IndexFolderError(f"{file} has columns {table.schema.names}, expected {META_SCHEMA.names}; rebuild.")
-    return table
+    if parquet.schema_arrow.names != META_SCHEMA.names:
+        raise IndexFolderError(f"{file} has columns {parquet.schema_arrow.names}, expected {META_SCHEMA.names}; rebuild.")
+    return table, parquet
 
 
 def _open_cells(file: Path, shape: tuple[int, int]) -> np.ndarray:
