@@ -1,11 +1,11 @@
 """FAISS index types chosen by collection size, kept as data: a factory string and search parameters.
 
 The rule (also in the README): up to `FLAT_MAX` vectors an index is exact (`Flat`, inner product);
-beyond, it is `IVF{nlist},PQ{m},Refine(SQ8)`: an inverted file of product-quantised codes finds
+beyond, it is `IVF{nlist}_HNSW32,PQ{m}x8,Refine(SQ8)`: an inverted file of product-quantised codes finds
 candidates, and 8-bit scalar codes of every vector re-score them almost exactly. nlist ~ 4·sqrt(n)
 (a power of two), m = one byte per 8 dims (global) or 12 dims (patches), trained on a sample of at
-most `TRAIN_MAX` vectors. HNSW was not chosen: faiss cannot memory-map its graph, and it needs
-the full vectors in RAM. Under `COMPRESSED_MIN` vectors an index is always exact. Files are opened with IO_FLAG_MMAP_IFC, so codes and inverted lists
+most `TRAIN_MAX` vectors. HNSW over all vectors was not chosen: faiss cannot memory-map its
+graph, and it needs the full vectors in RAM (over the nlist centroids it only speeds up assignment). Under `COMPRESSED_MIN` vectors an index is always exact. Files are opened with IO_FLAG_MMAP_IFC, so codes and inverted lists
 stay on disk and only the pages a query touches are read.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class IndexSpec:
     """What to build for one kind of vector: a FAISS factory string and its search parameters."""
 
     factory: str  # "Flat" or e.g. "IVF4096,PQ48,Refine(SQ8)"
-    search_params: str  # faiss ParameterSpace string, e.g. "nprobe=32,k_factor_rf=10"; "" when exact
+    search_params: str  # faiss ParameterSpace string, e.g. "nprobe=32,quantizer_efSearch=64,k_factor_rf=10"
 
     @property
     def trained(self) -> bool:
@@ -51,7 +51,10 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
     m = _bytes_per_code(dim, DIMS_PER_BYTE[kind])
     nprobe = min(nlist, max(8, nlist // 32))
     bits = 8 if count >= 256 * 39 else 4  # a small forced-compressed set cannot train 256 centroids
-    return IndexSpec(f"IVF{nlist},PQ{m}x{bits},Refine(SQ8)", f"nprobe={nprobe},k_factor_rf={RERANK_FACTOR[kind]}")
+    # An HNSW graph over the centroids assigns vectors to lists without comparing each to all nlist
+    # centroids: that comparison dominates adding millions of vectors.
+    params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf={RERANK_FACTOR[kind]}"
+    return IndexSpec(f"IVF{nlist}_HNSW32,PQ{m}x{bits},Refine(SQ8)", params)
 
 
 def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:
