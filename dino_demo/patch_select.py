@@ -7,6 +7,7 @@ it covers, so a result's region box is still drawn in exact pixels.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -47,6 +48,7 @@ def layout_of(description: dict | None) -> PatchLayout:
     return PatchLayout(**description) if description else PatchLayout()
 
 
+@lru_cache(maxsize=8)  # asked for every re-ranked candidate
 def pooled_cells(grid: tuple[int, int]) -> list[np.ndarray]:
     """Per pooled slot, row-major, the original cells of its 2x2 block (1x2/2x1/1x1 at odd edges)."""
     gh, gw = grid

@@ -90,9 +90,10 @@ def search_region(
     box = normalise_box(box, features.sizes[0])
     query = features.patches[0, select_patches(features.sizes[0], features.grid, box)]  # (m, d)
     ranked = _candidates(index, query, per_patch)[: max(candidates, k)]
-    hits = [_rerank(index, query, image_id, with_heat) for image_id in ranked]
-    hits.sort(key=lambda h: -h.score)
-    return hits[:k]
+    sims = {image_id: query @ image_patches(index, image_id).T for image_id in ranked}  # each (m, slots)
+    # Exact score of each candidate: mean over query patches of their best similarity in it.
+    best = sorted(ranked, key=lambda i: -float(sims[i].max(axis=1).mean()))[:k]
+    return [_hit(index, image_id, sims[image_id], with_heat) for image_id in best]
 
 
 def _candidates(index: Index, query: np.ndarray, per_patch: int) -> list[int]:
@@ -113,10 +114,9 @@ def image_patches(index: Index, image_id: int) -> np.ndarray:
     return index.patch_index.reconstruct_n(image_id * per_image, per_image)
 
 
-def _rerank(index: Index, query: np.ndarray, image_id: int, with_heat: bool) -> Hit:
-    """Exact score of one candidate: mean over query patches of their best similarity in it."""
+def _hit(index: Index, image_id: int, sims: np.ndarray, with_heat: bool) -> Hit:
+    """A re-ranked result with its region box (and heat map) from its (m, slots) similarities."""
     grid = index.grid
-    sims = query @ image_patches(index, image_id).T  # (m, slots)
     cells = None if index.patch_cells is None else index.patch_cells[image_id]
     covered = slot_cells(index.layout, grid, cells)  # exact grid cells of each stored slot
     box = match_box(index.size(image_id), grid, np.concatenate([covered[b] for b in sims.argmax(axis=1)]))
