@@ -5,14 +5,15 @@ from __future__ import annotations
 import errno
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-from conftest import write_imagefolder
-from test_build import finished_chunks, run_cli
+from conftest import ROOT, write_imagefolder
 
 from dino_demo.index import GLOBAL, MANIFEST, META, PATCHES, load_index
 from index_builder.__main__ import main as build_main
@@ -23,6 +24,16 @@ IMAGES = 30
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return write_imagefolder(tmp_path_factory.mktemp("fault-images") / "images", IMAGES)
+
+
+def run_cli(*args, log: Path) -> subprocess.Popen:
+    """Start the builder CLI; its output goes to `log` (a pipe nobody reads could fill and stall it)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "index_builder", *args], cwd=ROOT, stdout=f, stderr=f)
+
+
+def finished_chunks(out: Path) -> int:
+    return len([p for p in (out / "_build").glob("chunk-*") if p.suffix == ""])
 
 
 def cli_args(images: Path, model: Path, out: Path) -> list[str]:
