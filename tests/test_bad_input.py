@@ -6,7 +6,6 @@ import io
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import httpx
 import numpy as np
