@@ -36,7 +36,8 @@ class Summary:
 
     def to_json(self) -> dict:
         return {"map": self.map, "queries": self.queries,
-                "precision": {str(k): v for k, v in self.precision.items()}}
+                "precision": {str(k): v for k, v in self.precision.items()},
+                "aps": [None if np.isnan(a) else a for a in self.aps]}  # per query, in query order
 
 
 def positive_ranks(ranking: Ranking, positives: Iterable[int], junk: Iterable[int] = ()) -> np.ndarray:

@@ -159,6 +159,8 @@ def test_revisited_protocol_matches_brute_force_with_the_query_box(revisited, tm
         assert got["medium"]["map"] == pytest.approx(expected["medium"].map, abs=1e-6)
         assert got["hard"]["map"] == pytest.approx(expected["hard"].map, abs=1e-6)
         assert got["medium"]["queries"] == 4 and got["hard"]["queries"] == 3
+        assert got["hard"]["aps"][3] is None  # no hard positive: left out, not scored 0
+        assert got["hard"]["aps"][:3] == pytest.approx(expected["hard"].aps[:3])
     assert report["notes"][0].startswith("20 images of the ground truth's database found")
 
 
