@@ -19,7 +19,7 @@ from dino_demo.model import Features
 from dino_demo.search import search_image, search_region
 
 from .copies import TRANSFORMS
-from .eval_sets import EvalSet, centre_box, load_copies, load_labelled, load_revisited
+from .eval_sets import EvalSet, centre_box, load_copies, load_given_copies, load_labelled, load_revisited
 
 SEARCHES = ("image", "region")
 MAX_DEPTH = 1000  # the most results one search returns (search.check_k)
@@ -70,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-one-out", action="store_true",
                    help="labels: the queries are the indexed collection; ignore each query's own image")
     p.add_argument("--synthetic", type=int, default=100, metavar="N", help="copies: originals to copy (default 100)")
+    p.add_argument("--original-column", help="copies: --queries holds ready-made copies, this column the source row "
+                   "of each one's original in the indexed collection (instead of --synthetic)")
+    p.add_argument("--group-column", help="copies: with --original-column, the column naming each copy's transform")
     p.add_argument("--transforms", default=",".join(TRANSFORMS), help=f"copies: comma-separated (default {','.join(TRANSFORMS)})")
     p.add_argument("--seed", type=int, default=0, help="copies: random seed of the transforms")
-    p.add_argument("--limit", type=int, help="revisited, labels: at most N queries")
+    p.add_argument("--limit", type=int, help="revisited, labels, given copies: at most N queries")
     p.add_argument("--searches", default="image,region", help="image, region or both (default)")
     p.add_argument("--depth", type=int, default=MAX_DEPTH, help=f"results ranked per query (default and most {MAX_DEPTH})")
     p.add_argument("--model", help="hub id or folder of the model (default: the one the first index was built with)")
@@ -122,6 +125,8 @@ def load_eval_set(args: argparse.Namespace, indexes: list[Index]) -> EvalSet:
     split = args.split or ("query" if protocol == "revisited" and not Path(args.queries).exists() else "train")
     if protocol == "revisited":
         return load_revisited(args.queries, split, args.database, args.limit)
+    if protocol == "copies" and args.original_column:
+        return load_given_copies(args.queries, split, args.original_column, args.group_column, args.limit)
     if protocol == "copies":
         indexed = set.intersection(*(set(ix.meta.column("source_row").to_pylist()) for ix in indexes))
         transforms = [t.strip() for t in args.transforms.split(",") if t.strip()]

@@ -9,6 +9,7 @@ import pickle
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -142,9 +143,32 @@ def load_copies(location: str, split: str, indexed_rows: set[int], originals: in
             queries.append(Query(make, group=name, truth=row.index))
     if not queries:
         raise SourceError(f"No row of {location} [{split}] is in the index; pass the collection the index was built from.")
+    return _copies_set(queries)
+
+
+def load_given_copies(location: str, split: str, original_column: str, group_column: str | None,
+                      limit: int | None) -> EvalSet:
+    """Copies made elsewhere (such as Copydays' strong set): `original_column` holds the source row
+    of each copy's original in the indexed collection, `group_column` optionally its transform."""
+    source = open_source(location, split)
+    missing = [c for c in (original_column, group_column) if c and c not in source.dataset.features]
+    if missing:
+        raise SourceError(f"{location} has no column {missing}; its columns are {list(source.dataset.features)}.")
+    queries = []
+    for record in islice(source.dataset, limit):
+        group = str(record[group_column]) if group_column else "all"
+        queries.append(Query(record[source.image_column], group=group, truth=int(record[original_column])))
+    return _copies_set(queries)
+
+
+def _copies_set(queries: list[Query]) -> EvalSet:
+    """Score copies by plain AP with one positive, their original: overall and per transform."""
+    groups = {"all": list(range(len(queries)))}
+    for i, query in enumerate(queries):
+        if query.group != "all":
+            groups.setdefault(query.group, []).append(i)
 
     def score(index: Index, rankings: list[list[int]]) -> dict[str, Summary]:
-        groups = {"all": range(len(queries))} | {t: [i for i, q in enumerate(queries) if q.group == t] for t in transforms}
         return {name: summarise([rankings[i] for i in members], [{queries[i].truth} for i in members], PRECISION_KS[:1])
                 for name, members in groups.items()}
 

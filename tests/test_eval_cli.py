@@ -13,7 +13,7 @@ from dino_demo.images import load_image
 from dino_demo.index import load_index
 from dino_demo.search import search_region
 from index_builder.build import BuildOptions, build_index
-from index_builder.copies import TRANSFORMS
+from index_builder.copies import TRANSFORMS, make_copies
 from index_builder.eval import main
 from index_builder.source import open_source
 
@@ -85,6 +85,26 @@ def test_copy_detection_map_matches_brute_force(copy_suite, tmp_path, embedder):
     expected = summarise(rankings, [{q.truth} for q in eval_set.queries])
     assert [q.truth for q in eval_set.queries] == [0, 0, 1, 1, 2, 2]
     assert figures(report, "image")["all"]["map"] == pytest.approx(expected.map, abs=1e-6)
+
+
+def test_copies_made_elsewhere_are_scored_against_their_original(copy_suite, tmp_path, embedder):
+    folder, index, _ = copy_suite
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    made = [(5, "exact"), (9, "jpeg"), (12, "crop"), (20, "exact")]
+    lines = []
+    for n, (row, transform) in enumerate(made):
+        make_copies(load_image(folder / f"img{row:03d}.png"), n, [transform])[0].image.save(copies / f"c{n}.png")
+        lines.append(json.dumps({"file_name": f"c{n}.png", "original": row, "kind": transform}))
+    (copies / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(copies), "--protocol", "copies",
+                      "--original-column", "original", "--group-column", "kind", "--searches", "image")
+    got = figures(report, "image")
+    assert set(got) == {"all", "exact", "jpeg", "crop"} and got["exact"]["queries"] == 2
+    assert got["exact"]["map"] == pytest.approx(1.0)
+    rankings = [brute_force_rows(index, embedder, load_image(copies / f"c{n}.png")) for n in range(4)]
+    expected = summarise(rankings, [{row} for row, _ in made])
+    assert got["all"]["map"] == pytest.approx(expected.map, abs=1e-6)
 
 
 def test_labels_leave_one_out_matches_brute_force(tmp_path, embedder):
