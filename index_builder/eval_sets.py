@@ -39,6 +39,8 @@ class Query:
 
 @dataclass
 class EvalSet:
+    """A protocol's queries, in order, and how to score their rankings on one index."""
+
     protocol: str
     queries: list[Query]
     box_note: str  # how region-search boxes were chosen, for the report
@@ -155,9 +157,11 @@ def load_given_copies(location: str, split: str, original_column: str, group_col
     if missing:
         raise SourceError(f"{location} has no column {missing}; its columns are {list(source.dataset.features)}.")
     queries = []
-    for record in islice(source.dataset, limit):
+    columns = [c for c in (original_column, group_column) if c]
+    for i, record in enumerate(islice(source.dataset.select_columns(columns), limit)):  # no image bytes held
         group = str(record[group_column]) if group_column else "all"
-        queries.append(Query(record[source.image_column], group=group, truth=int(record[original_column])))
+        image = partial(_cell, source.dataset, source.image_column, i)
+        queries.append(Query(image, group=group, truth=int(record[original_column])))
     return _copies_set(queries)
 
 
@@ -188,7 +192,9 @@ def load_labelled(location: str, split: str, image_column: str | None, label_col
     source = open_source(location, split, image_column, label_column)
     if source.label_column is None:
         raise SourceError(f"{location} has no label column; pass --label-column.")
-    queries = [Query(row.image, row=row.index if leave_one_out else None, truth=row.label)
+    # each image is read again when its batch is embedded, so the query list holds no image bytes
+    queries = [Query(partial(_cell, source.dataset, source.image_column, row.index),
+                     row=row.index if leave_one_out else None, truth=row.label)
                for row in source.rows(limit=limit) if row.label is not None]
 
     def score(index: Index, rankings: list[list[int]]) -> dict[str, Summary]:
@@ -200,3 +206,7 @@ def load_labelled(location: str, split: str, image_column: str | None, label_col
         return {"all": summarise(rankings, positives, PRECISION_KS)}
 
     return EvalSet("labels", queries, "the centre box (middle half of each side) of each query", score)
+
+
+def _cell(dataset, column: str, row: int):
+    return dataset[row][column]
