@@ -25,7 +25,7 @@ FLAT_MAX = {"global": 100_000, "patch": 500_000}  # exact search stays within ~1
 COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
 DIMS_PER_BYTE = {"global": 8, "patch": 12}
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
-ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores salient patches only
+ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
 RERANK_FACTOR = {"global": 10, "patch": 1}  # candidates re-scored per result (patches: image re-rank follows)
 
 
@@ -58,11 +58,12 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
 
 
 def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:
-    """The patch layout for `--patches`; `auto` keeps every patch of a small collection only."""
+    """The patch layout for `--patches`; `auto` keeps every patch of a small collection only, and
+    pools beyond: it kept more region recall than `salient` in benchmarks/scale.py (RESULTS.md)."""
     if patches != "auto":
         return PatchLayout.parse(patches)
     known = [x for x in (num_rows, limit) if x is not None]  # a stream of unknown length counts as large
-    return PatchLayout() if known and min(known) <= ALL_PATCHES_MAX_IMAGES else PatchLayout.parse("salient")
+    return PatchLayout() if known and min(known) <= ALL_PATCHES_MAX_IMAGES else PatchLayout("pooled")
 
 
 def _nlist(count: int) -> int:

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thumb-size", type=int, default=256, help="longer side of stored thumbnails in pixels (default 256)")
     p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
     p.add_argument("--patches", default="auto", help="patch vectors kept per image for region search: all, pooled (2x2), "
-                   "salient[:N] (the N most CLS-like, default 16), or auto: all up to 20,000 images, else salient")
+                   "salient[:N] (the N most CLS-like, default 16), or auto: all up to 20,000 images, else pooled")
     p.add_argument("--index-type", default="auto", choices=("auto", "flat", "compressed"),
                    help="auto: exact search for small collections, IVF-PQ beyond (see README, Scale); or force one")
     p.add_argument("--push-to-hub", metavar="USER/REPO", help="then upload the index as a dataset repo (serve it with --index hf://USER/REPO)")

@@ -35,6 +35,6 @@ def test_each_chosen_factory_string_builds_in_faiss(count, dim, kind):
 def test_auto_patches_keep_every_patch_of_a_small_collection_only():
     assert choose_layout("auto", 500, None) == PatchLayout("all")
     assert choose_layout("auto", 10**6, 100) == PatchLayout("all")  # --limit makes it small
-    assert choose_layout("auto", 10**6, None) == PatchLayout("salient", 16)
-    assert choose_layout("auto", None, None) == PatchLayout("salient", 16)  # a stream of unknown length
-    assert choose_layout("pooled", 5, None) == PatchLayout("pooled")
+    assert choose_layout("auto", 10**6, None) == PatchLayout("pooled")
+    assert choose_layout("auto", None, None) == PatchLayout("pooled")  # a stream of unknown length
+    assert choose_layout("salient:8", 5, None) == PatchLayout("salient", 8)
