@@ -182,9 +182,9 @@ def test_a_resumed_compressed_build_records_its_factory_and_search_parameters(co
     index, cls, _ = compressed
     m = index.manifest
     assert m["global_factory"] == "IVF32_HNSW32,PQ4x4,Refine(SQ8)" and m["patch_factory"] == "IVF128_HNSW32,PQ2x4,Refine(SQ8)"
-    assert m["global_search"] == "nprobe=8,quantizer_efSearch=16,k_factor_rf=10"
+    assert m["global_search"] == "nprobe=16,quantizer_efSearch=32,k_factor_rf=10"
     assert m["patch_search"] == "nprobe=8,quantizer_efSearch=16,k_factor_rf=1"
-    assert faiss.extract_index_ivf(index.global_index).nprobe == 8  # applied on opening
+    assert faiss.extract_index_ivf(index.global_index).nprobe == 16  # applied on opening
     assert index.count == 2000 and index.patch_index.ntotal == 8000
     assert [index.row(i)["source_row"] for i in (0, 999, 1000, 1999)] == [0, 999, 1000, 1999]
     # re-ranking reads 8-bit codes back: near the exact vectors

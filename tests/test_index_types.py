@@ -10,7 +10,7 @@ def test_small_collections_get_exact_search_and_large_ones_ivf_pq():
     assert choose_spec(FLAT_MAX["global"], 384, "global").factory == "Flat"
     big = choose_spec(1_000_000, 384, "global")
     assert big.factory == "IVF4096_HNSW32,PQ48x8,Refine(SQ8)"
-    assert big.search_params == "nprobe=128,quantizer_efSearch=256,k_factor_rf=10"
+    assert big.search_params == "nprobe=512,quantizer_efSearch=1024,k_factor_rf=10"
     assert choose_spec(FLAT_MAX["patch"], 384, "patch").factory == "Flat"
     assert choose_spec(16_000_000, 384, "patch").factory == "IVF16384_HNSW32,PQ32x8,Refine(SQ8)"
 
