@@ -45,8 +45,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
@@ -121,7 +120,10 @@ class Writer:
         pq.write_table(_meta_table(meta, ids=range(len(meta))), tmp / "meta.parquet")
         info = {"row_start": row_start, "row_end": row_end, "count": len(meta), "skipped": dict(skipped)}
         (tmp / "info.json").write_text(json.dumps(info))
+        for file in tmp.iterdir():  # on disk before the rename makes the chunk count: a power cut loses no chunk
+            _fsync(file)
         os.replace(tmp, final)
+        _fsync(self.work)
 
     def finalize(self, manifest_extra: dict, index_type: str = "auto") -> dict:
         """Assemble the chunks into the index folder and return its manifest.
@@ -167,6 +169,7 @@ class Writer:
             next_id += table.num_rows
         tmp_meta = self.out / f".{META}.tmp"
         pq.write_table(pa.concat_tables(tables), tmp_meta, row_group_size=THUMB_GROUP)
+        _fsync(tmp_meta)
         os.replace(tmp_meta, self.out / META)
 
     def _manifest(self, count: int, slots: int, specs: dict, skipped: Counter, extra: dict) -> dict:
@@ -204,13 +207,24 @@ def _write_npy(array: np.ndarray, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, array)
+    _fsync(tmp)
     os.replace(tmp, path)
 
 
 def _write_index(index: faiss.Index, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     faiss.write_index(index, str(tmp))
+    _fsync(tmp)
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk, so a rename after it never exposes an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _meta_table(meta: list[dict], ids) -> pa.Table:

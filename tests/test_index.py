@@ -1,3 +1,5 @@
+import os
+from pathlib import Path
 import json
 from collections import Counter
 
@@ -208,3 +210,22 @@ def test_compressed_index_files_are_opened_memory_mapped(compressed, monkeypatch
     monkeypatch.setattr(index_types.faiss, "read_index", lambda path, f: flags.append(f) or real(path, f))
     load_index(compressed[0].path)
     assert flags == [faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY] * 2
+
+
+def test_every_chunk_file_and_index_file_is_on_disk_before_its_rename(tmp_path, monkeypatch):
+    # A power cut after a rename must not leave an empty file behind it: each is fsynced first.
+    from dino_demo import index as index_module
+
+    synced, real_replace = [], os.replace
+    monkeypatch.setattr(index_module, "_fsync", lambda path: synced.append(Path(path).name))
+
+    def replace(src, dst):
+        src = Path(src)
+        names = [p.name for p in src.iterdir()] if src.is_dir() else [src.name]
+        assert set(names) <= set(synced), f"renamed {src.name} before syncing {set(names) - set(synced)}"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(index_module.os, "replace", replace)
+    write_index(tmp_path / "idx")
+    assert {"info.json", "cls.npy", "patches.npy", "meta.parquet"} <= set(synced)
+    assert f".{index_module.GLOBAL}.tmp" in synced and f".{index_module.META}.tmp" in synced
