@@ -41,8 +41,9 @@ class Synthetic:
         self.concepts = _unit(rng.standard_normal((max(50, count // 20), DIM), dtype=np.float32))
         self.noise = rng.standard_normal((1 << 16, DIM), dtype=np.float32) / np.sqrt(DIM)
 
-    def images(self, start: int, n: int):
-        """cls (n, d), patches (n, cells, d), object boxes (n, 4) in grid cells."""
+    def images(self, start: int, n: int, with_patches: bool = True):
+        """cls (n, d), patches (n, cells, d), object boxes (n, 4) in grid cells. Without patches, the
+        same CLS vectors (the same random draws) at a fraction of the cost, and patches None."""
         rng = np.random.default_rng([self.seed, start])
         gh, gw = self.grid
         own = lambda k: self.noise[rng.integers(0, len(self.noise), k)]  # noqa: E731
@@ -52,8 +53,12 @@ class Synthetic:
         r1, c1 = np.minimum(gh, r0 + rng.integers(2, 6, n)), np.minimum(gw, c0 + rng.integers(2, 6, n))
         rows, cols = np.divmod(np.arange(gh * gw), gw)
         inside = (rows >= r0[:, None]) & (rows < r1[:, None]) & (cols >= c0[:, None]) & (cols < c1[:, None])
-        patches = np.where(inside[..., None], obj[:, None], back[:, None])
-        patches = _unit(patches + 0.8 * own(n * gh * gw).reshape(n, gh * gw, DIM))
+        if with_patches:
+            patches = np.where(inside[..., None], obj[:, None], back[:, None])
+            patches = _unit(patches + 0.8 * own(n * gh * gw).reshape(n, gh * gw, DIM))
+        else:
+            rng.integers(0, len(self.noise), n * gh * gw)  # the draws own() would make, to keep CLS the same
+            patches = None
         cls = _unit(0.4 * back + 0.6 * obj + 0.3 * own(n))
         return cls, patches, np.stack([c0, r0, c1, r1], axis=1)
 
