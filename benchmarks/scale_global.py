@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/scale_global.py --sizes 100000,1000000
 
-Vectors are scale.py's SYNTHETIC clustered CLS vectors (384 dims; not from images). For each size the
+Vectors are scale.py's SYNTHETIC clustered CLS vectors (384 dims; not from images; `--structure`
+hierarchical or flat concepts, see scale.py). For each size the
 exact top 10 of held-out queries comes from brute force; each index is built with the app's
 `build_faiss`, written, memory-mapped with the app's `open_faiss_file` and searched one query at a
 time (as a request does) for each search setting: p50 / p95 ms, recall@10, build time, file size,
@@ -22,7 +23,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
-from scale import CHUNK, DIM, Synthetic, recall, rss_mb  # noqa: E402
+from scale import CHUNK, DIM, STRUCTURES, Synthetic, recall, rss_mb  # noqa: E402
 
 from dino_demo.index_types import IndexSpec, _nlist, build_faiss, open_faiss_file  # noqa: E402
 
@@ -41,13 +42,14 @@ def main() -> None:
     p.add_argument("--sizes", default="100000,1000000")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--only", default="", help="run only factories containing this text")
+    p.add_argument("--structure", default="hierarchical", help=f"comma-separated, of {', '.join(STRUCTURES)} (see scale.py)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     faiss.omp_set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}; {args.threads} threads; synthetic clustered CLS vectors, {DIM} dims", flush=True)
     work = Path(tempfile.mkdtemp(prefix="scale-global-"))
-    for count in map(int, args.sizes.split(",")):
-        data = Synthetic(count)
+    for count, structure in ((c, s) for c in map(int, args.sizes.split(",")) for s in args.structure.split(",")):
+        data = Synthetic(count, structure=structure)
         started = time.perf_counter()
         cls = np.concatenate([data.images(s, min(CHUNK, count - s), with_patches=False)[0]
                               for s in range(0, count, CHUNK)])
@@ -56,7 +58,8 @@ def main() -> None:
         exact.add(cls)
         _, truth = exact.search(queries, 10)
         del exact
-        print(f"\n{count:,} images: vectors and exact top 10 in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"\n{count:,} images, {structure} concepts: vectors and exact top 10 in {time.perf_counter() - started:.0f} s",
+              flush=True)
         for factory, settings in candidates(count):
             if args.only not in factory:
                 continue

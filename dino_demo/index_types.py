@@ -1,12 +1,20 @@
 """FAISS index types chosen by collection size, kept as data: a factory string and search parameters.
 
-The rule (also in the README): up to `FLAT_MAX` vectors an index is exact (`Flat`, inner product);
-beyond, it is `IVF{nlist}_HNSW32,PQ{m}x8,Refine(SQ8)`: an inverted file of product-quantised codes finds
-candidates, and 8-bit scalar codes of every vector re-score them almost exactly. nlist ~ 4·sqrt(n)
-(a power of two), m = one byte per 8 dims (global) or 12 dims (patches), trained on a sample of at
-most `TRAIN_MAX` vectors. HNSW over all vectors was not chosen: faiss cannot memory-map its
-graph, and it needs the full vectors in RAM (over the nlist centroids it only speeds up assignment). Under `COMPRESSED_MIN` vectors an index is always exact. Files are opened with IO_FLAG_MMAP_IFC, so codes and inverted lists
-stay on disk and only the pages a query touches are read.
+The rule (also in the README, with the measurements behind it in benchmarks/RESULTS.md): up to
+`FLAT_MAX` vectors an index is exact (`Flat`, inner product). Beyond:
+
+- CLS vectors (image search) go into an HNSW graph over 8-bit scalar codes (`HNSW32,SQ8`): one
+  vector per image, so the codes are small (384 B at 384 dims), and a graph finds neighbours that
+  an inverted file scatters over many lists (benchmarks/scale_global.py: recall@10 0.956 at 1.1 ms
+  for HNSW against 0.928 at 2.8 ms for IVF-PQ probing half its lists, 100k synthetic vectors).
+- Patch vectors (region search, tens of slots per image) go into `IVF{nlist}_HNSW32,PQ{m}x8,Refine(SQ8)`:
+  an inverted file of product-quantised codes finds candidates, and 8-bit codes of every vector
+  re-score them. nlist ~ 4·sqrt(n) (a power of two), m = one byte per 12 dims, trained on a sample of
+  at most `TRAIN_MAX` vectors. A graph over every patch would need 256 B of links per vector in RAM.
+
+Under `COMPRESSED_MIN` vectors an index is always exact. Files are opened with IO_FLAG_MMAP_IFC, so
+codes and inverted lists stay on disk (only an HNSW graph's links are read into RAM) and only the
+pages a query touches are read.
 """
 from __future__ import annotations
 
@@ -24,18 +32,18 @@ INDEX_TYPES = ("auto", "flat", "compressed")
 # Exact search of one query costs ~3 ms per 10,000 vectors on a 2-core box: keep it to small sets.
 FLAT_MAX = {"global": 20_000, "patch": 50_000}
 COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
-DIMS_PER_BYTE = {"global": 8, "patch": 12}
+PATCH_DIMS_PER_BYTE = 12  # PQ code bytes per patch vector: one per 12 dims (32 at 384 dims)
+EF_SEARCH_SMALL, EF_SEARCH_LARGE = 128, 256
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
-RERANK_FACTOR = {"global": 10, "patch": 1}  # candidates re-scored per result (patches: image re-rank follows)
 
 
 @dataclass(frozen=True)
 class IndexSpec:
     """What to build for one kind of vector: a FAISS factory string and its search parameters."""
 
-    factory: str  # "Flat" or e.g. "IVF4096,PQ48,Refine(SQ8)"
-    search_params: str  # faiss ParameterSpace string, e.g. "nprobe=32,quantizer_efSearch=64,k_factor_rf=10"
+    factory: str  # "Flat", "HNSW32,SQ8" or e.g. "IVF4096_HNSW32,PQ32x8,Refine(SQ8)"
+    search_params: str  # faiss ParameterSpace string, e.g. "efSearch=128" or "nprobe=128,quantizer_efSearch=256,k_factor_rf=1"
 
     @property
     def trained(self) -> bool:
@@ -48,16 +56,23 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
         raise UserError(f"--index-type {index_type!r} is not one of {', '.join(INDEX_TYPES)}.")
     if index_type == "flat" or count < COMPRESSED_MIN or (index_type == "auto" and count <= FLAT_MAX[kind]):
         return IndexSpec("Flat", "")
+    if kind == "global":
+        return IndexSpec("HNSW32,SQ8", f"efSearch={_ef_search(count)}")
     nlist = _nlist(count)
-    m = _bytes_per_code(dim, DIMS_PER_BYTE[kind])
-    # Image search must be right on its own (recall 0.71 at nlist/32 on the scale benchmark); patch
-    # hits only vote for candidates that are re-ranked, so they can look at fewer lists.
-    nprobe = min(nlist, max(16, nlist // 8) if kind == "global" else max(8, nlist // 32))
+    m = _bytes_per_code(dim, PATCH_DIMS_PER_BYTE)
+    # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists
+    # suffice, and each hit is re-scored from its 8-bit codes once (k_factor_rf=1).
+    nprobe = min(nlist, max(8, nlist // 32))
     bits = 8 if count >= 256 * 39 else 4  # a small forced-compressed set cannot train 256 centroids
     # An HNSW graph over the centroids assigns vectors to lists without comparing each to all nlist
     # centroids: that comparison dominates adding millions of vectors.
-    params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf={RERANK_FACTOR[kind]}"
+    params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf=1"
     return IndexSpec(f"IVF{nlist}_HNSW32,PQ{m}x{bits},Refine(SQ8)", params)
+
+
+def _ef_search(count: int) -> int:
+    """How many graph nodes an image search keeps in view: recall@10 >= 0.95 on the scale benchmark."""
+    return EF_SEARCH_SMALL if count <= 200_000 else EF_SEARCH_LARGE
 
 
 def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:

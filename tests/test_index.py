@@ -147,7 +147,7 @@ def test_an_index_of_nothing_is_refused_with_the_reasons(tmp_path):
         writer.finalize({})
 
 
-# --- compressed indexes (IVF-PQ chosen by --index-type or by size) ---------------------------------
+# --- compressed indexes (HNSW / IVF-PQ chosen by --index-type or by size) ---------------------------------
 
 CMODEL = dict(MODEL, dim=32)
 CINFO = dict(INFO, model=CMODEL)
@@ -166,7 +166,7 @@ def _unit_rows(v):
 
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
-    """2,000 images (8,000 patch vectors) built as IVF-PQ, the build interrupted after 2 of 4 chunks."""
+    """2,000 images (8,000 patch vectors) built compressed, the build interrupted after 2 of 4 chunks."""
     rng, folder = np.random.default_rng(3), tmp_path_factory.mktemp("ivf") / "idx"
     cls, patches = clustered(rng, 2000, 32), clustered(rng, 2000, 4, 32)
     writer = Writer(folder, CINFO)
@@ -183,10 +183,11 @@ def compressed(tmp_path_factory):
 def test_a_resumed_compressed_build_records_its_factory_and_search_parameters(compressed):
     index, cls, _ = compressed
     m = index.manifest
-    assert m["global_factory"] == "IVF32_HNSW32,PQ4x4,Refine(SQ8)" and m["patch_factory"] == "IVF128_HNSW32,PQ2x4,Refine(SQ8)"
-    assert m["global_search"] == "nprobe=16,quantizer_efSearch=32,k_factor_rf=10"
+    assert m["global_factory"] == "HNSW32,SQ8" and m["patch_factory"] == "IVF128_HNSW32,PQ2x4,Refine(SQ8)"
+    assert m["global_search"] == "efSearch=128"
     assert m["patch_search"] == "nprobe=8,quantizer_efSearch=16,k_factor_rf=1"
-    assert faiss.extract_index_ivf(index.global_index).nprobe == 16  # applied on opening
+    assert faiss.downcast_index(index.global_index).hnsw.efSearch == 128  # applied on opening
+    assert faiss.extract_index_ivf(index.patch_index).nprobe == 8
     assert index.count == 2000 and index.patch_index.ntotal == 8000
     assert [index.row(i)["source_row"] for i in (0, 999, 1000, 1999)] == [0, 999, 1000, 1999]
     # re-ranking reads 8-bit codes back: near the exact vectors
