@@ -2,10 +2,12 @@
 
 Vectors are SYNTHETIC, not from real images: 384 dims (ViT-S) and a 14x14 grid, clustered — each
 image is a background and an object (a 2-5 x 2-5 cell rectangle) drawn from count/20 shared concepts
-(each jittered per image, so similarity is a continuum), its patches noisy copies of them. The CLS
-vector leans towards the object (0.6 object, 0.4 background), as DINO's CLS attention does on
-real photos; `salient` then keeps mostly object patches — on real data that is an assumption. The index is built through the real `index.Writer` and searched through the real
-`search_image` / `search_region`; recall@10 is against exact brute-force search over every patch.
+(hierarchical by default: in count/1000 groups; see Synthetic), each jittered per image, its patches
+noisy copies of them. The CLS vector leans towards the object (0.6 object, 0.4 background), as
+DINO's CLS attention does on real photos; `salient` then keeps mostly object patches — on real data
+that is an assumption. The index is built through the real `index.Writer` and searched through the
+real `search_image` / `search_region`; region recall@10 is against exact brute-force search over
+every patch, and over the slots the layout stores.
 
     .venv/bin/python benchmarks/scale.py --sizes 10000,100000 --patches all,pooled,salient
 """
@@ -151,7 +153,7 @@ def rss_mb() -> float:
 
 
 def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None:
-    data = Synthetic(count, grid=(4, 4) if args.direct_patches else GRID)
+    data = Synthetic(count, grid=(4, 4) if args.direct_patches else GRID, structure=args.structure)
     out = work / f"{count}-{patches}-{index_type}"
     build_s = build(out, data, count, patches, index_type)
     disk = {f.name: f.stat().st_size for f in out.iterdir()}
@@ -189,13 +191,14 @@ def main() -> None:
     p.add_argument("--index-type", default="auto", help="auto, flat or compressed (comma-separated to compare)")
     p.add_argument("--queries", type=int, default=200, help="image-search queries")
     p.add_argument("--region-queries", type=int, default=30, help="region-search queries")
+    p.add_argument("--structure", default="hierarchical", choices=STRUCTURES, help="how the synthetic concepts relate (see Synthetic)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--direct-patches", action="store_true",
                    help="generate 16 patches per image directly (a 4x4 grid) instead of 196 reduced by the layout: for 1M")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
     args = p.parse_args()
     faiss.omp_set_num_threads(args.threads)
-    print(f"load average {os.getloadavg()}; {args.threads} threads; synthetic clustered vectors, {DIM} dims")
+    print(f"load average {os.getloadavg()}; {args.threads} threads; synthetic clustered vectors ({args.structure} concepts), {DIM} dims")
     work = Path(args.work or tempfile.mkdtemp(prefix="scale-"))
     for count in map(int, args.sizes.split(",")):
         for patches in args.patches.split(","):

@@ -32,8 +32,9 @@ def candidates(count: int) -> list[tuple[str, list[str]]]:
     nlist = _nlist(count)
     return [
         (f"IVF{nlist}_HNSW32,PQ48x8,Refine(SQ8)",
-         [f"nprobe={nlist // d},quantizer_efSearch={max(64, 2 * nlist // d)},k_factor_rf=10" for d in (8, 4, 2)]),
-        ("HNSW32,SQ8", [f"efSearch={ef}" for ef in (32, 64, 128, 256)]),
+         [f"nprobe={nlist // d},quantizer_efSearch={max(64, 2 * nlist // d)},k_factor_rf={kf}"
+          for d in (16, 8, 4) for kf in (10, 50)]),
+        ("HNSW32,SQ8", [f"efSearch={ef}" for ef in (64, 128, 256, 512, 1024)]),
     ]
 
 

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", default="auto", help="patch vectors kept per image for region search: all, pooled (2x2), "
                    "salient[:N] (the N most CLS-like, default 16), or auto: all up to 20,000 images, else pooled")
     p.add_argument("--index-type", default="auto", choices=("auto", "flat", "compressed"),
-                   help="auto: exact search for small collections, IVF-PQ beyond (see README, Scale); or force one")
+                   help="auto: exact search for small collections, HNSW (images) and IVF-PQ (patches) beyond (see README, Scale); or force one")
     p.add_argument("--push-to-hub", metavar="USER/REPO", help="then upload the index as a dataset repo (serve it with --index hf://USER/REPO)")
     return p
 

@@ -34,7 +34,7 @@ class BuildOptions:
     limit: int | None = None  # stop after this many source rows
     max_pixels: int = 40_000_000
     patches: str = "all"  # patch vectors stored per image: all | pooled | salient[:N] | auto (by size)
-    index_type: str = "auto"  # auto (by size) | flat (exact) | compressed (IVF-PQ); see index_types
+    index_type: str = "auto"  # auto (by size) | flat (exact) | compressed (HNSW / IVF-PQ); see index_types
 
 
 @dataclass
