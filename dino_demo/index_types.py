@@ -3,10 +3,12 @@
 The rule (also in the README, with the measurements behind it in benchmarks/RESULTS.md): up to
 `FLAT_MAX` vectors an index is exact (`Flat`, inner product). Beyond:
 
-- CLS vectors (image search) go into an HNSW graph over 8-bit scalar codes (`HNSW32,SQ8`): one
-  vector per image, so the codes are small (384 B at 384 dims), and a graph finds neighbours that
-  an inverted file scatters over many lists (benchmarks/scale_global.py: recall@10 0.956 at 1.1 ms
-  for HNSW against 0.928 at 2.8 ms for IVF-PQ probing half its lists, 100k synthetic vectors).
+- CLS vectors (image search), up to `GRAPH_MAX`, go into an HNSW graph over 8-bit scalar codes
+  (`HNSW32,SQ8`): a graph finds neighbours that an inverted file scatters over many lists
+  (benchmarks/scale_global.py, 100k synthetic vectors: recall@10 0.956-0.987 at 0.7-1.1 ms,
+  against 0.928 at 2.8 ms for IVF-PQ probing half its lists). At 1M the same graph fell to 0.83
+  even at efSearch 1024, while IVF-PQ held 0.93 at 6.5 ms, so beyond `GRAPH_MAX` CLS vectors go
+  into IVF-PQ like the patches (one PQ byte per 8 dims, 50 candidates re-scored per result).
 - Patch vectors (region search, tens of slots per image) go into `IVF{nlist}_HNSW32,PQ{m}x8,Refine(SQ8)`:
   an inverted file of product-quantised codes finds candidates, and 8-bit codes of every vector
   re-score them. nlist ~ 4·sqrt(n) (a power of two), m = one byte per 12 dims, trained on a sample of
@@ -32,8 +34,7 @@ INDEX_TYPES = ("auto", "flat", "compressed")
 # Exact search of one query costs ~3 ms per 10,000 vectors on a 2-core box: keep it to small sets.
 FLAT_MAX = {"global": 20_000, "patch": 50_000}
 COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
-PATCH_DIMS_PER_BYTE = 12  # PQ code bytes per patch vector: one per 12 dims (32 at 384 dims)
-EF_SEARCH_SMALL, EF_SEARCH_LARGE = 128, 256
+GRAPH_MAX = 200_000  # CLS vectors up to this count go into an HNSW graph, beyond into IVF-PQ
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
 
@@ -56,23 +57,25 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
         raise UserError(f"--index-type {index_type!r} is not one of {', '.join(INDEX_TYPES)}.")
     if index_type == "flat" or count < COMPRESSED_MIN or (index_type == "auto" and count <= FLAT_MAX[kind]):
         return IndexSpec("Flat", "")
-    if kind == "global":
-        return IndexSpec("HNSW32,SQ8", f"efSearch={_ef_search(count)}")
+    if kind == "global" and count <= GRAPH_MAX:
+        return IndexSpec("HNSW32,SQ8", "efSearch=128")
     nlist = _nlist(count)
-    m = _bytes_per_code(dim, PATCH_DIMS_PER_BYTE)
+    if kind == "global":
+        # Image search must be right on its own: an eighth of the lists, and 50 candidates per
+        # result re-scored on their 8-bit codes (recall@10 0.933 at 1M on the scale benchmark).
+        nprobe = min(nlist, max(16, nlist // 8))
+        params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf=50"
+        return IndexSpec(f"IVF{nlist}_HNSW32,PQ{_bytes_per_code(dim, 8)}x{_bits(count)},Refine(SQ8)", params)
     # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists
     # suffice, and each hit is re-scored from its 8-bit codes once (k_factor_rf=1).
     nprobe = min(nlist, max(8, nlist // 32))
-    bits = 8 if count >= 256 * 39 else 4  # a small forced-compressed set cannot train 256 centroids
-    # An HNSW graph over the centroids assigns vectors to lists without comparing each to all nlist
-    # centroids: that comparison dominates adding millions of vectors.
     params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf=1"
-    return IndexSpec(f"IVF{nlist}_HNSW32,PQ{m}x{bits},Refine(SQ8)", params)
+    return IndexSpec(f"IVF{nlist}_HNSW32,PQ{_bytes_per_code(dim, 12)}x{_bits(count)},Refine(SQ8)", params)
 
 
-def _ef_search(count: int) -> int:
-    """How many graph nodes an image search keeps in view: recall@10 >= 0.95 on the scale benchmark."""
-    return EF_SEARCH_SMALL if count <= 200_000 else EF_SEARCH_LARGE
+def _bits(count: int) -> int:
+    """8-bit PQ codes, or 4 for a small forced-compressed set that cannot train 256 centroids."""
+    return 8 if count >= 256 * 39 else 4
 
 
 def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:
