@@ -3,12 +3,10 @@
 The rule (also in the README, with the measurements behind it in benchmarks/RESULTS.md): up to
 `FLAT_MAX` vectors an index is exact (`Flat`, inner product). Beyond:
 
-- CLS vectors (image search), up to `GRAPH_MAX`, go into an HNSW graph over 8-bit scalar codes
-  (`HNSW32,SQ8`): a graph finds neighbours that an inverted file scatters over many lists
-  (benchmarks/scale_global.py, 100k synthetic vectors: recall@10 0.956-0.987 at 0.7-1.1 ms,
-  against 0.928 at 2.8 ms for IVF-PQ probing half its lists). At 1M the same graph fell to 0.83
-  even at efSearch 1024, while IVF-PQ held 0.93 at 6.5 ms, so beyond `GRAPH_MAX` CLS vectors go
-  into IVF-PQ like the patches (one PQ byte per 8 dims, 50 candidates re-scored per result).
+- CLS vectors (image search) go into an HNSW graph over 8-bit scalar codes (`HNSW32,SQ8`, built
+  with efConstruction 160): a graph finds neighbours that an inverted file scatters over many
+  lists (benchmarks/scale_global.py, synthetic vectors: recall@10 0.988 at 1.9 ms at 1M, against
+  0.933 at 6.5 ms for IVF-PQ probing an eighth of its lists).
 - Patch vectors (region search, tens of slots per image) go into `IVF{nlist}_HNSW32,PQ{m}x8,Refine(SQ8)`:
   an inverted file of product-quantised codes finds candidates, and 8-bit codes of every vector
   re-score them. nlist ~ 4·sqrt(n) (a power of two), m = one byte per 12 dims, trained on a sample of
@@ -34,7 +32,7 @@ INDEX_TYPES = ("auto", "flat", "compressed")
 # Exact search of one query costs ~3 ms per 10,000 vectors on a 2-core box: keep it to small sets.
 FLAT_MAX = {"global": 20_000, "patch": 50_000}
 COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
-GRAPH_MAX = 200_000  # CLS vectors up to this count go into an HNSW graph, beyond into IVF-PQ
+EF_CONSTRUCTION = 160  # FAISS's default 40 built a 1M graph that found 0.83 of the top 10; 160: 0.988
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
 
@@ -57,15 +55,9 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
         raise UserError(f"--index-type {index_type!r} is not one of {', '.join(INDEX_TYPES)}.")
     if index_type == "flat" or count < COMPRESSED_MIN or (index_type == "auto" and count <= FLAT_MAX[kind]):
         return IndexSpec("Flat", "")
-    if kind == "global" and count <= GRAPH_MAX:
-        return IndexSpec("HNSW32,SQ8", "efSearch=128")
-    nlist = _nlist(count)
     if kind == "global":
-        # Image search must be right on its own: an eighth of the lists, and 50 candidates per
-        # result re-scored on their 8-bit codes (recall@10 0.933 at 1M on the scale benchmark).
-        nprobe = min(nlist, max(16, nlist // 8))
-        params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf=50"
-        return IndexSpec(f"IVF{nlist}_HNSW32,PQ{_bytes_per_code(dim, 8)}x{_bits(count)},Refine(SQ8)", params)
+        return IndexSpec("HNSW32,SQ8", f"efSearch={128 if count <= 200_000 else 256}")
+    nlist = _nlist(count)
     # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists
     # suffice, and each hit is re-scored from its 8-bit codes once (k_factor_rf=1).
     nprobe = min(nlist, max(8, nlist // 32))
@@ -107,6 +99,8 @@ def train_size(spec: IndexSpec, count: int) -> int:
 def build_faiss(spec: IndexSpec, dim: int, sample: np.ndarray, batches: Callable[[], Iterable[np.ndarray]]) -> faiss.Index:
     """Train `spec` on `sample` (n, dim) float32, then add `batches` in id order, one at a time."""
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if spec.factory.startswith("HNSW"):
+        index.hnsw.efConstruction = EF_CONSTRUCTION
     if spec.trained:
         step = 1
         if spec.factory.startswith("IVF"):

@@ -3,15 +3,14 @@ import numpy as np
 import pytest
 
 from dino_demo.errors import UserError
-from dino_demo.index_types import FLAT_MAX, GRAPH_MAX, IndexSpec, build_faiss, choose_layout, choose_spec, open_faiss_file
+from dino_demo.index_types import FLAT_MAX, IndexSpec, build_faiss, choose_layout, choose_spec, open_faiss_file
 from dino_demo.patch_select import PatchLayout
 
 
 def test_small_collections_get_exact_search_and_large_ones_a_graph_or_ivf_pq():
     assert choose_spec(FLAT_MAX["global"], 384, "global").factory == "Flat"
-    assert choose_spec(GRAPH_MAX, 384, "global") == IndexSpec("HNSW32,SQ8", "efSearch=128")
-    assert choose_spec(1_000_000, 384, "global") == IndexSpec(
-        "IVF4096_HNSW32,PQ48x8,Refine(SQ8)", "nprobe=512,quantizer_efSearch=1024,k_factor_rf=50")
+    assert choose_spec(200_000, 384, "global") == IndexSpec("HNSW32,SQ8", "efSearch=128")
+    assert choose_spec(5_000_000, 384, "global") == IndexSpec("HNSW32,SQ8", "efSearch=256")
     assert choose_spec(FLAT_MAX["patch"], 384, "patch").factory == "Flat"
     big = choose_spec(16_000_000, 384, "patch")
     assert big.factory == "IVF16384_HNSW32,PQ32x8,Refine(SQ8)"
@@ -27,9 +26,9 @@ def test_the_override_forces_either_type_but_a_tiny_set_stays_exact():
         choose_spec(10, 384, "global", "hnsw")
 
 
-@pytest.mark.parametrize("count, dim, kind", [(1_000, 32, "patch"), (50_000, 384, "patch"), (5_000_000, 768, "global")])
-def test_each_chosen_ivf_factory_string_builds_in_faiss(count, dim, kind):
-    spec = choose_spec(count, dim, kind, "compressed")
+@pytest.mark.parametrize("count, dim", [(1_000, 32), (50_000, 384), (5_000_000, 768)])
+def test_each_chosen_patch_factory_string_builds_in_faiss(count, dim):
+    spec = choose_spec(count, dim, "patch", "compressed")
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     faiss.ParameterSpace().set_index_parameters(index, spec.search_params)
     nlist = faiss.extract_index_ivf(index).nlist
@@ -44,7 +43,8 @@ def test_a_global_graph_index_is_memory_mapped_and_finds_what_exact_search_finds
     spec = choose_spec(len(vectors), 64, "global", "compressed")
     faiss.write_index(build_faiss(spec, 64, vectors, lambda: [vectors[:2500], vectors[2500:]]), str(tmp_path / "g.faiss"))
     index = open_faiss_file(str(tmp_path / "g.faiss"), spec.search_params)
-    assert faiss.downcast_index(index).hnsw.efSearch == 128  # the manifest's setting, applied on opening
+    graph = faiss.downcast_index(index).hnsw
+    assert graph.efSearch == 128 and graph.efConstruction == 160  # search setting applied on opening
     _, found = index.search(vectors[:100], 10)
     exact = np.argsort(-(vectors[:100] @ vectors.T), axis=1)[:, :10]
     assert (found[:, 0] == np.arange(100)).all()
