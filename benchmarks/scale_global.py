@@ -25,7 +25,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from scale import CHUNK, DIM, STRUCTURES, Synthetic, recall, rss_mb  # noqa: E402
 
-from dino_demo.index_types import IndexSpec, _nlist, build_faiss, open_faiss_file  # noqa: E402
+from dino_demo.index_types import TRAIN_MAX, IndexSpec, _nlist, build_faiss, open_faiss_file  # noqa: E402
 
 
 def candidates(count: int) -> list[tuple[str, list[str]]]:
@@ -61,11 +61,11 @@ def main() -> None:
         del exact
         print(f"\n{count:,} images, {structure} concepts: vectors and exact top 10 in {time.perf_counter() - started:.0f} s",
               flush=True)
+        sample = cls[np.random.default_rng(0).choice(count, min(count, TRAIN_MAX), replace=False)]
         for factory, settings in candidates(count):
             if args.only not in factory:
                 continue
             started = time.perf_counter()
-            sample = cls[np.random.default_rng(0).choice(count, min(count, 200_000), replace=False)]
             index = build_faiss(IndexSpec(factory, ""), DIM, sample, lambda: (cls[s:s + 65536] for s in range(0, count, 65536)))
             build_s = time.perf_counter() - started
             path = work / "global.faiss"

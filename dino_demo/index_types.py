@@ -32,6 +32,7 @@ INDEX_TYPES = ("auto", "flat", "compressed")
 # Exact search of one query costs ~3 ms per 10,000 vectors on a 2-core box: keep it to small sets.
 FLAT_MAX = {"global": 20_000, "patch": 50_000}
 COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
+PATCH_DIMS_PER_BYTE = 12  # PQ code bytes of a patch vector: one per 12 dims (32 at 384 dims)
 EF_CONSTRUCTION = 160  # FAISS's default 40 built a 1M graph that found 0.83 of the top 10; 160: 0.988
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
@@ -61,13 +62,12 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
     # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists
     # suffice, and each hit is re-scored from its 8-bit codes once (k_factor_rf=1).
     nprobe = min(nlist, max(8, nlist // 32))
+    m = _bytes_per_code(dim, PATCH_DIMS_PER_BYTE)
+    bits = 8 if count >= 256 * 39 else 4  # a small forced-compressed set cannot train 256 centroids
     params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf=1"
-    return IndexSpec(f"IVF{nlist}_HNSW32,PQ{_bytes_per_code(dim, 12)}x{_bits(count)},Refine(SQ8)", params)
-
-
-def _bits(count: int) -> int:
-    """8-bit PQ codes, or 4 for a small forced-compressed set that cannot train 256 centroids."""
-    return 8 if count >= 256 * 39 else 4
+    # `_HNSW32`: a graph over the centroids assigns vectors to lists without comparing each to all
+    # nlist centroids, which dominates adding millions of vectors.
+    return IndexSpec(f"IVF{nlist}_HNSW32,PQ{m}x{bits},Refine(SQ8)", params)
 
 
 def choose_layout(patches: str, num_rows: int | None, limit: int | None = None) -> PatchLayout:

@@ -1,7 +1,7 @@
-import os
-from pathlib import Path
 import json
+import os
 from collections import Counter
+from pathlib import Path
 
 import faiss
 import numpy as np

@@ -35,7 +35,7 @@ def test_each_chosen_patch_factory_string_builds_in_faiss(count, dim):
     assert nlist & (nlist - 1) == 0 and count // nlist >= 39  # enough training points per list
 
 
-def test_a_global_graph_index_is_memory_mapped_and_finds_what_exact_search_finds(tmp_path):
+def test_a_global_graph_index_keeps_its_build_and_search_settings_and_finds_what_exact_search_finds(tmp_path):
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, 64)).astype(np.float32)
     vectors = centres[rng.integers(0, 50, 5000)] + 0.5 * rng.standard_normal((5000, 64)).astype(np.float32)
@@ -44,7 +44,7 @@ def test_a_global_graph_index_is_memory_mapped_and_finds_what_exact_search_finds
     faiss.write_index(build_faiss(spec, 64, vectors, lambda: [vectors[:2500], vectors[2500:]]), str(tmp_path / "g.faiss"))
     index = open_faiss_file(str(tmp_path / "g.faiss"), spec.search_params)
     graph = faiss.downcast_index(index).hnsw
-    assert graph.efSearch == 128 and graph.efConstruction == 160  # search setting applied on opening
+    assert graph.efSearch == 128 and graph.efConstruction == 160  # build setting saved, search setting applied on opening
     _, found = index.search(vectors[:100], 10)
     exact = np.argsort(-(vectors[:100] @ vectors.T), axis=1)[:, :10]
     assert (found[:, 0] == np.arange(100)).all()
