@@ -7,6 +7,7 @@ import numpy as np
 from conftest import ROOT, make_image, write_imagefolder
 from dino_demo.index import load_index
 from dino_demo.search import search_image, search_region
+from index_builder.__main__ import default_batch_size, default_workers
 from index_builder.build import BuildOptions, build_index
 from index_builder.source import open_source
 
@@ -146,3 +147,16 @@ def test_salient_patches_from_the_builder_find_each_image_with_a_box_inside_it(i
         assert hit.id == image_id
         x0, y0, x1, y1 = hit.box
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+
+
+def test_cli_defaults_use_large_batches_on_a_gpu_and_every_core_but_one(monkeypatch, tmp_path, tiny_vit):
+    assert default_batch_size("cuda") == 256 and default_batch_size("cpu") == default_batch_size("mps") == 64
+    for cores, workers in ((16, 15), (2, 1), (1, 1), (None, 1)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert default_workers() == workers
+    folder = write_imagefolder(tmp_path / "images", 2)
+    done = subprocess.run([sys.executable, "-m", "index_builder", "--dataset", str(folder), "--model", str(tiny_vit),
+                           "--out", str(tmp_path / "idx"), "--device", "cpu", "--workers", "0", "--no-skip-faces"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "on cpu (batch 64, 0 decoding processes)" in done.stderr  # the default reached the build
