@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dino_demo.index import Writer, load_index  # noqa: E402
+from dino_demo.index_types import choose_layout  # noqa: E402
 from dino_demo.model import Features  # noqa: E402
 from dino_demo.patch_select import PatchLayout, reduce_patches  # noqa: E402
 from dino_demo.search import search_image, search_region, select_patches  # noqa: E402
@@ -90,9 +91,8 @@ def _unit(v):
 def build(out: Path, data: Synthetic, count: int, patches: str, index_type: str) -> float:
     model = {"id": "synthetic-vits16", "revision": None, "type": "vit", "input_size": 224,
              "patch_size": 16, "dim": DIM, "grid": list(data.grid)}
-    mode, _, keep = patches.partition(":")
     writer = Writer(out, {"model": model, "source": {}, "skip_faces": False, "thumb_size": 0,
-                          "patches": {"mode": mode, "keep": int(keep or 16) if mode == "salient" else 0}})
+                          "patches": choose_layout(patches, count).describe()})
     started = time.perf_counter()
     for start in range(0, count, CHUNK):
         n = min(CHUNK, count - start)
@@ -166,7 +166,7 @@ def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None
     r_hits, r_ms = timed(lambda fb: search_region(index, fb[0], fb[1], 10), r_q)
     served = rss_mb()
     r_query = [fb[0].patches[0, select_patches(SIZE, data.grid, fb[1])] for fb in r_q]
-    layout = PatchLayout.parse(patches)
+    layout = index.layout  # what the build stored (`auto` resolved by the writer)
     g_truth, r_truth, kept_truth = exact_truth(data, count, g_q, r_query, layout)
     m = index.manifest
     print(f"\n{count:,} images, patches={patches} ({m['patches_per_image']}/image), index-type={index_type}")
