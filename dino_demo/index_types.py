@@ -57,6 +57,8 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
     if index_type == "flat" or count < COMPRESSED_MIN or (index_type == "auto" and count <= FLAT_MAX[kind]):
         return IndexSpec("Flat", "")
     if kind == "global":
+        # efSearch (graph nodes kept in view): 128 held recall@10 >= 0.99 up to 200k synthetic
+        # images; at 1M it gave 0.946, 256 gave 0.988 (benchmarks/RESULTS.md, Scale).
         return IndexSpec("HNSW32,SQ8", f"efSearch={128 if count <= 200_000 else 256}")
     nlist = _nlist(count)
     # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists

@@ -20,8 +20,10 @@ def default_workers() -> int:
 
 def default_batch_size(device: str) -> int:
     """Large batches keep a GPU busy (ViT-S/16 runs thousands of images/s there); on a CPU batching
-    gains nothing and a small batch keeps memory and progress steps small."""
-    return 256 if device == "cuda" else 64
+    gains nothing and the library's smaller default keeps memory and progress steps small."""
+    from .build import BuildOptions
+
+    return 256 if device == "cuda" else BuildOptions.batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
