@@ -1,48 +1,31 @@
 """Run the DINO image search demo: `python app.py [--index DIR | hf://USER/REPO] [--model M] ...`.
 
-Settings come from DINO_* environment variables (what a Hugging Face Space sets), then these options.
+Settings come from DINO_* environment variables (what a Hugging Face Space sets), then these options;
+both are made from `dino_demo.config.Settings`, where each setting is declared once.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from pathlib import Path
 
-from dino_demo.config import ENV_VARS, Settings
+from dino_demo.config import Settings, add_arguments
 from dino_demo.errors import UserError
-from dino_demo.onnx_backend import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="DINO image search: similar images, similar regions and matching patches.",
-        epilog="Environment: " + "; ".join(f"{var}: {what}" for var, what in ENV_VARS.values()),
+        description="DINO image search: similar images, similar regions and matching patches. "
+        "Every option can also be set by the environment variable named in its help.",
     )
-    p.add_argument("--index", help="index folder or hf://USER/REPO (default: index the bundled collection once)")
-    p.add_argument("--model", help="hub id or local folder of the DINO / DINOv2 backbone")
-    p.add_argument("--device", help="auto, cpu, cuda or mps")
-    p.add_argument("--backend", choices=BACKENDS,
-                   help="how the CPU embeds queries: auto (ONNX Runtime int8, else torch), torch, onnx, onnx-int8")
-    p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
-    p.add_argument("--k", type=int, help="results shown by default")
-    p.add_argument("--host", help="address to listen on (0.0.0.0 to serve other machines)")
-    p.add_argument("--port", type=int, help="port to listen on (default 7860)")
-    p.add_argument("--share", action="store_true", default=None, help="make a temporary public gradio.live link")
-    p.add_argument("--allow-faces", action="store_true", help="accept photos of people (the face gate is on by default)")
-    p.add_argument("--cache-dir", type=Path, help="where the bundled collection's index is built")
+    add_arguments(p, Settings)
     return p
 
 
 def load_settings(argv: list[str] | None, environ) -> Settings:
     """Environment first, then the command line on top."""
     args = build_parser().parse_args(argv)
-    settings = Settings.from_env(environ).with_overrides(
-        index=args.index, model=args.model, device=args.device, backend=args.backend,
-        input_size=args.input_size, k=args.k,
-        host=args.host, port=args.port, share=args.share, cache_dir=args.cache_dir,
-    )
-    return settings.with_overrides(face_gate=False) if args.allow_faces else settings
+    return Settings.from_env(environ).with_overrides(**vars(args))
 
 
 def print_build_progress():
@@ -63,13 +46,23 @@ def print_build_progress():
     return report
 
 
+def open_engine(settings: Settings, progress=None, gate=None):
+    """The model, then its index (a folder, hf://USER/REPO, or the bundled collection indexed once), as an Engine."""
+    from dino_demo.engine import Engine, load_embedder
+    from dino_demo.index import load_index
+    from index_builder.locate import locate_index
+
+    embedder = load_embedder(settings)
+    folder = locate_index(settings.index, embedder, settings.cache_dir, settings.collection,
+                          skip_faces=settings.face_gate, progress=progress)
+    return Engine.from_settings(settings, embedder, load_index(folder, embedder.describe()), gate)
+
+
 def make_demo(settings: Settings):
     """The ready-to-launch Blocks app for these settings (loads the model and the index)."""
-    from dino_demo.engine import Engine
     from dino_demo.ui import build_ui
 
-    engine = Engine.open(settings, progress=print_build_progress())
-    return build_ui(engine, settings)
+    return build_ui(open_engine(settings, progress=print_build_progress()), settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,12 +51,15 @@ def time_model(embedder, batch: int, seconds: float) -> float:
 
 
 def time_decode(folder: Path, workers: int, skip_faces: bool = False) -> float:
-    from index_builder.build import _batches, _decoded
+    from dino_demo.faces import FaceGate
+    from dino_demo.images import DEFAULT_MAX_PIXELS
+    from index_builder.build import Decoder, _batches, _decoded
     from index_builder.source import open_source
 
     source = open_source(str(folder))
+    decoder = Decoder(224, 0, DEFAULT_MAX_PIXELS, FaceGate if skip_faces else None)
     started = time.perf_counter()
-    count = sum(len(d.rows) for d in _decoded(_batches(source.rows(), 64), (224, 0, skip_faces, 40_000_000), workers))
+    count = sum(len(d.meta) for d in _decoded(_batches(source.rows(), 64), decoder, workers))
     return count / (time.perf_counter() - started)
 
 

@@ -33,12 +33,12 @@ def free_port() -> int:
 
 def start_app(model: Path, cache: Path, device: str) -> str:
     from dino_demo.config import Settings
-    from dino_demo.engine import Engine
+    from app import open_engine
     from dino_demo.ui import build_ui, launch_options
 
     settings = Settings(model=str(model), device=device, cache_dir=cache, host="127.0.0.1", port=free_port())
     started = time.perf_counter()
-    engine = Engine.open(settings)
+    engine = open_engine(settings)
     print(f"model + default index ({engine.index.count} images) ready in {time.perf_counter() - started:.1f}s",
           file=sys.stderr)
     build_ui(engine, settings).launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))

@@ -26,7 +26,8 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dino_demo.index import Writer, load_index  # noqa: E402
+from dino_demo.index import load_index  # noqa: E402
+from dino_demo.index_writer import Writer  # noqa: E402
 from dino_demo.index_types import choose_layout  # noqa: E402
 from dino_demo.model import Features  # noqa: E402
 from dino_demo.patch_select import PatchLayout, reduce_patches  # noqa: E402

@@ -8,19 +8,13 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .matching import Matches
+from .geometry import Box
+from .matching import MATCH_LINES, Matches
 
 Colour = tuple[int, int, int]
 BOX_COLOUR: Colour = (255, 214, 0)  # bright yellow, with a dark edge so it shows on any photo
 EDGE_COLOUR: Colour = (20, 20, 20)
 SUPERSAMPLE = 2
-
-
-def scale_box(box, from_size: tuple[int, int], to_size: tuple[int, int]) -> tuple[float, float, float, float]:
-    """A box in an image of `from_size` = (w, h) moved to the same place in a `to_size` copy."""
-    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    x0, y0, x1, y1 = box
-    return (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
 
 
 def draw_box(
@@ -32,7 +26,7 @@ def draw_box(
 ) -> Image.Image:
     """A copy of `image` with `box` outlined; the box is in `original_size` pixels (default: the image's)."""
     if original_size is not None:
-        box = scale_box(box, original_size, image.size)
+        box = Box(*box).scaled(original_size, image.size)
     big = image.convert("RGB").resize((image.width * SUPERSAMPLE, image.height * SUPERSAMPLE), Image.Resampling.BICUBIC)
     pen = ImageDraw.Draw(big)
     x0, y0, x1, y1 = (v * SUPERSAMPLE for v in box)
@@ -63,7 +57,7 @@ def draw_matches(
     img_a: Image.Image,
     img_b: Image.Image,
     matches: Matches,
-    n: int = 50,
+    n: int = MATCH_LINES,
     height: int = 384,
     gap: int = 12,
     cmap: str = "turbo",
@@ -82,7 +76,7 @@ def draw_matches(
     canvas.paste(img_b.convert("RGB").resize((wb * s, height * s), Image.Resampling.BICUBIC), ((wa + gap) * s, 0))
     pen = ImageDraw.Draw(canvas)
     if matches.box is not None:
-        x0, y0, x1, y1 = (v * sa * s for v in matches.box)
+        x0, y0, x1, y1 = Box(*matches.box).scaled(img_a.size, (wa * s, height * s))
         pen.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BOX_COLOUR, width=3 * s)
     count = len(shown)
     dot = 5 * s

@@ -5,12 +5,10 @@ Each result carries its pictures, a JSON-able dict and how long each step took (
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -18,22 +16,23 @@ from PIL import Image
 
 from . import draw
 from .config import Settings
-from .errors import UserError
-from .faces import FaceFound, FaceGate, NoFaceGate
+from .faces import FaceGate, NoFaceGate
+from .geometry import Box, fit_box
 from .images import ImageSource, load_image
-from .hub import require_hub
-from .index import Index, load_index
-from .matching import Matches, match_patches
+from .index import Index
+from .matching import MATCH_LINES, Matches, match_patches
 from .model import Embedder, Features
-from .search import Box, Hit, SearchError, normalise_box, search_image, search_region
+from .search import Hit, SearchError, check_k, search_image, search_region
 
 Progress = Callable[[float, str], None]  # (fraction done, what is happening now)
 THUMB_SIDE = 256  # pictures of results are drawn at the stored thumbnails' size
 MATCH_HEIGHT = 384  # height of the side-by-side patch-matching picture
 
 
-class FaceRefused(UserError):
-    """The image shows a person's face; the app does not search with photos of people."""
+def load_embedder(settings: Settings) -> Embedder:
+    """The backbone the settings name, on their device and query backend."""
+    return Embedder(settings.model, device=settings.device, input_size=settings.input_size,
+                    backend=settings.backend, cache_dir=settings.cache_dir)
 
 
 @dataclass
@@ -124,29 +123,22 @@ class Engine:
         self.max_pixels, self.max_bytes, self.max_k = max_pixels, max_bytes, max_k
 
     @classmethod
-    def open(cls, settings: Settings, progress: Callable[[int, int], None] | None = None,
-             gate: FaceGate | NoFaceGate | None = None) -> "Engine":
-        """Load the model, then the index (a folder, hf://USER/REPO, or the default collection built once)."""
-        embedder = Embedder(settings.model, device=settings.device, input_size=settings.input_size,
-                            backend=settings.backend, cache_dir=settings.cache_dir / "onnx")
-        index = open_index(settings.index, embedder, settings.cache_dir, settings.collection,
-                           skip_faces=settings.face_gate, progress=progress)
+    def from_settings(cls, settings: Settings, embedder: Embedder, index: Index,
+                      gate: FaceGate | NoFaceGate | None = None) -> "Engine":
+        """An engine with the settings' limits and face gate (or `gate`, e.g. a test's stub)."""
         if gate is None:
             gate = FaceGate() if settings.face_gate else NoFaceGate()
         return cls(embedder, index, gate, settings.max_pixels, settings.max_upload_bytes, settings.max_k)
 
     def load(self, source: ImageSource) -> Image.Image:
-        """The input as an RGB image, refused if it breaks the limits or shows a face."""
+        """The input as an RGB image, refused if it breaks the limits or shows a face (FaceRefused)."""
         image = load_image(source, max_pixels=self.max_pixels, max_bytes=self.max_bytes)
-        try:
-            self.gate.require_no_face(image)
-        except FaceFound as e:
-            raise FaceRefused(str(e)) from None
+        self.gate.require_no_face(image)
         return image
 
     def search_image(self, source: ImageSource, k: int, progress: Progress | None = None) -> SearchResults:
         """The k indexed images most like the whole input image."""
-        k, timer, report = self._check_k(k), _Timer(), progress or _quiet
+        k, timer, report = check_k(k, self.max_k), _Timer(), progress or _quiet
         report(0.0, "Checking the image")
         with timer.step("load"):
             image = self.load(source)
@@ -157,7 +149,7 @@ class Engine:
 
     def search_similar(self, image_id: int, k: int, progress: Progress | None = None) -> SearchResults:
         """Search from an indexed image (a clicked result) with its stored vector: no upload, no re-embedding."""
-        k, timer = self._check_k(k), _Timer()
+        k, timer = check_k(k, self.max_k), _Timer()
         if not 0 <= int(image_id) < self.index.count:
             raise SearchError(f"There is no image {image_id} in this index; pick one of the results shown.")
         vector = self.index.global_index.reconstruct(int(image_id))[None]  # (1, d)
@@ -176,11 +168,11 @@ class Engine:
     def search_region(self, source: ImageSource, box, k: int, heat: bool = False,
                       progress: Progress | None = None) -> SearchResults:
         """The k indexed images holding a region most like `box` (x0, y0, x1, y1 in the input's pixels)."""
-        k, timer, report = self._check_k(k), _Timer(), progress or _quiet
+        k, timer, report = check_k(k, self.max_k), _Timer(), progress or _quiet
         report(0.0, "Checking the image")
         with timer.step("load"):
             image = self.load(source)
-            box = normalise_box(box, image.size)  # a bad box is refused before the model runs
+            box = fit_box(box, image.size)  # a bad box is refused before the model runs
         report(0.4, "Embedding")
         with timer.step("embed"):
             features = self.embedder.embed([image])
@@ -191,7 +183,7 @@ class Engine:
             items = [self._item(hit) for hit in hits]
         return SearchResults(items, image.size, box, timer.done())
 
-    def match(self, source_a: ImageSource, source_b: ImageSource, box=None, n: int = 50,
+    def match(self, source_a: ImageSource, source_b: ImageSource, box=None, n: int = MATCH_LINES,
               progress: Progress | None = None) -> MatchResult:
         """Which patches of A (or of `box` on A) and B are each other's best match, drawn as lines."""
         timer, report = _Timer(), progress or _quiet
@@ -200,11 +192,11 @@ class Engine:
         report(0.0, "Checking the images")
         with timer.step("load"):
             image_a, image_b = self.load(source_a), self.load(source_b)
-            box = None if box is None else normalise_box(box, image_a.size)
+            box = None if box is None else fit_box(box, image_a.size)
         report(0.4, "Embedding")
         with timer.step("embed"):
             features = self.embedder.embed([image_a, image_b])
-        a, b = _split(features)
+        a, b = features.one(0), features.one(1)
         report(0.7, "Matching patches")
         with timer.step("search"):
             matches = match_patches(a, b, box)
@@ -231,87 +223,6 @@ class Engine:
             picture = draw.draw_box(picture, hit.box, original_size=size)
         return ResultItem(hit.id, hit.score, row.get("label"), size, picture, hit.box)
 
-    def _check_k(self, k) -> int:
-        if isinstance(k, float) and k.is_integer():
-            k = int(k)
-        if not isinstance(k, (int, np.integer)) or not 1 <= k <= self.max_k:
-            raise SearchError(f"The number of results must be between 1 and {self.max_k} (got {k}).")
-        return int(k)
-
-
-def _split(features: Features) -> tuple[Features, Features]:
-    """Two one-image Features from a batch of two."""
-    def one(i: int) -> Features:
-        return Features(features.cls[i:i + 1], features.patches[i:i + 1], features.grid, [features.sizes[i]])
-    return one(0), one(1)
-
 
 def _quiet(fraction: float, what: str) -> None:
     pass
-
-
-# --- where the index comes from -------------------------------------------------------------------
-
-HUB_PREFIX = "hf://"
-BuildProgress = Callable[[int, int], None]  # (images done, images in all)
-
-
-def open_index(location: str | None, embedder: Embedder, cache_dir: Path, collection: Path,
-               skip_faces: bool = True, progress: BuildProgress | None = None) -> Index:
-    """An index folder, a hub dataset repo (hf://USER/REPO), or None: the default collection, built once."""
-    model = embedder.describe()
-    if location is None:
-        return load_index(build_default_index(embedder, cache_dir, collection, skip_faces, progress), model)
-    if location.startswith(HUB_PREFIX):
-        return load_index(download_index(location[len(HUB_PREFIX):]), model)
-    return load_index(Path(location).expanduser(), model)
-
-
-def download_index(repo: str) -> Path:
-    """The local copy of an index uploaded as a dataset repo; reuses the hub cache when offline."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    if repo.count("/") != 1:
-        raise UserError(f"'{HUB_PREFIX}{repo}' is not a hub dataset repo; write it as {HUB_PREFIX}USER/REPO.")
-    try:
-        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
-        pass  # not cached yet
-    require_hub(f"the index {repo}",
-                f"download it where there is internet (`hf download --repo-type dataset {repo} "
-                f"--local-dir indexes/{repo.split('/')[-1]}`) and pass that folder as --index.")
-    try:
-        return Path(snapshot_download(repo, repo_type="dataset"))
-    except HfHubHTTPError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"Could not download the index {repo}: {first} Check the name and your access.") from None
-
-
-def default_index_dir(cache_dir: Path, model_id: str, input_size: int) -> Path:
-    """One cached index of the default collection per model and input size: readable name, hash for uniqueness."""
-    name = Path(str(model_id).rstrip("/")).name or "model"
-    digest = hashlib.sha1(f"{model_id}@{input_size}".encode()).hexdigest()[:8]
-    return Path(cache_dir) / "default-index" / f"{name}-{input_size}px-{digest}"
-
-
-def build_default_index(embedder: Embedder, cache_dir: Path, collection: Path, skip_faces: bool = True,
-                        progress: BuildProgress | None = None) -> Path:
-    """Index `collection` into the cache the first time (resuming a killed build); later calls reuse it."""
-    from index_builder.build import BuildOptions, build_index
-    from index_builder.source import open_source
-
-    out = default_index_dir(cache_dir, embedder.model_id, embedder.input_size)
-    if (out / "manifest.json").is_file():
-        return out
-    source = open_source(str(collection))
-    total = source.num_rows or 0
-    options = BuildOptions(batch_size=16, workers=0, chunk_size=64, skip_faces=skip_faces)
-
-    def report(decoded) -> None:
-        if progress is not None:
-            progress(decoded.last_row + 1, total)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    build_index(source, embedder, str(out), options, report)
-    return out

@@ -11,8 +11,10 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-Box = tuple[int, int, int, int]  # (x0, y0, x1, y1) in image pixels
-Found = list[tuple[tuple[float, float, float, float], float]]  # (box in the array's pixels, score)
+from .errors import UserError
+from .geometry import Box
+
+Found = list[tuple[Box, float]]  # (box in the array's pixels, score)
 Detector = Callable[[np.ndarray], Found]  # (h, w, 3) uint8 RGB -> faces
 
 MAX_SIDE = 2048  # larger images are shrunk first, for speed
@@ -23,12 +25,12 @@ TILE = 512  # the full-range model finds faces of 10% of its view reliably: 51 p
 class FaceCheck:
     """What the gate saw in one image, best score first."""
     has_face: bool
-    boxes: list[Box]
+    boxes: list[Box]  # whole pixels of the checked image
     scores: list[float]
 
 
-class FaceFound(ValueError):
-    """Raised for an image that shows a face; `check` holds what was found."""
+class FaceRefused(UserError):
+    """The image shows a person's face, and photos of people are not accepted; `check` holds what was found."""
     def __init__(self, check: FaceCheck):
         super().__init__(f"This image shows a person's face ({len(check.boxes)} found). "
                          "Photos of people are not accepted; please upload another image.")
@@ -56,8 +58,8 @@ class MediaPipeDetector:
     def _confirm(self, image: Image.Image, box) -> float:
         """Lowest score of both models for a face at the box, on crops 3 and 4 times its size: views alone
         refused ~1 landscape in 8 (petals, bokeh); real faces pass this with >= 0.7, look-alikes don't."""
-        side = max(4.0, box[2] - box[0], box[3] - box[1])
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        side = max(4.0, box.width, box.height)
+        cx, cy = box.centre
         scores = []
         for half in (1.5 * side, 2.0 * side):  # PIL fills what lies outside the image with black
             crop = image.crop(tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half)))
@@ -78,12 +80,12 @@ def _detect(model, rgb: np.ndarray, x0: int = 0, y0: int = 0) -> Found:
     found: Found = []
     for d in model.process(np.ascontiguousarray(rgb)).detections or []:
         b = d.location_data.relative_bounding_box
-        box = (b.xmin * w + x0, b.ymin * h + y0, (b.xmin + b.width) * w + x0, (b.ymin + b.height) * h + y0)
+        box = Box(b.xmin * w + x0, b.ymin * h + y0, (b.xmin + b.width) * w + x0, (b.ymin + b.height) * h + y0)
         found.append((box, float(d.score[0])))
     return found
 
 
-def _tiles(w: int, h: int) -> list[Box]:
+def _tiles(w: int, h: int) -> list[tuple[int, int, int, int]]:
     """Tiles of 512, 1024, ... px, overlapping by a quarter: a face of 51 px or more is 10-25% of one."""
     tiles, tile = [], TILE
     while tile < max(w, h):
@@ -96,14 +98,9 @@ def _tiles(w: int, h: int) -> list[Box]:
 
 def _merge(found: Found) -> Found:
     """Keeps the best box of each group covering half of the smaller one: one face, several views."""
-    def overlap(a, b) -> float:
-        inter = max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
-        smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-        return inter / smaller if smaller > 0 else 1.0
-
     kept: Found = []
     for box, score in sorted(found, key=lambda f: -f[1]):
-        if all(overlap(box, k) < 0.5 for k, _ in kept):
+        if all(box.overlap(k) < 0.5 for k, _ in kept):
             kept.append((box, score))
     return kept
 
@@ -124,16 +121,14 @@ class FaceGate:
                 self._detector = MediaPipeDetector(self.min_confidence)
             found = self._detector(np.asarray(work))  # (h, w, 3) uint8
         found = sorted((f for f in found if f[1] >= self.min_confidence), key=lambda f: -f[1])
-        (w, h), s = image.size, image.width / work.width
-        boxes = [(max(0, math.floor(b[0] * s)), max(0, math.floor(b[1] * s)),
-                  min(w, math.ceil(b[2] * s)), min(h, math.ceil(b[3] * s))) for b, _ in found]
+        boxes = [Box(*b).scaled(work.size, image.size).rounded_out(image.size) for b, _ in found]
         return FaceCheck(bool(found), boxes, [float(score) for _, score in found])
 
     def require_no_face(self, image: Image.Image) -> None:
-        """Raises FaceFound, with a message for the user, if the image shows a face."""
+        """Raises FaceRefused, with a message for the user, if the image shows a face."""
         check = self.check(image)
         if check.has_face:
-            raise FaceFound(check)
+            raise FaceRefused(check)
 
     def close(self) -> None:
         """Frees MediaPipe; a later check loads it again."""

@@ -1,17 +1,12 @@
-"""The index folder: manifest.json, global.faiss, patches.faiss and meta.parquet.
+"""The index folder's format, and opening one: manifest.json, global.faiss, patches.faiss, meta.parquet.
 
-A build writes its batches as chunk folders under `_build/` (each made complete before an atomic
-rename), so a build killed at any moment resumes from the last chunk. `finalize` then writes each
-file through temp + rename, the manifest last: a folder with a manifest is complete.
+index_writer.py writes it; a folder with a manifest is complete (the manifest is written last).
+FAISS files are memory-mapped, and thumbnails are read one parquet row group at a time.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
@@ -19,9 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
-from .index_types import IndexSpec, build_faiss, choose_spec, open_faiss_file, train_size
-from .patch_select import PatchLayout, layout_of, reduce_patches
+from .backbones import short_name
+from .errors import UserError, first_line
+from .index_types import open_faiss_file
+from .patch_select import PatchLayout, layout_of
 
 FORMAT_VERSION = 1
 MANIFEST, GLOBAL, PATCHES, META = "manifest.json", "global.faiss", "patches.faiss", "meta.parquet"
@@ -38,211 +34,6 @@ MODEL_KEYS = ("type", "input_size", "patch_size", "dim", "grid")
 
 class IndexFolderError(UserError):
     """An index folder that is missing, damaged or made for another model."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a crash leaves either the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-@dataclass
-class Chunk:
-    """One finished piece of a build: the images of source rows [row_start, row_end)."""
-
-    path: Path
-    row_start: int
-    row_end: int
-    count: int
-    skipped: Counter
-
-
-class Writer:
-    """Collects a build's batches as resumable chunks, then writes the index folder."""
-
-    def __init__(self, out_dir: str | Path, build_info: dict):
-        """`build_info` (model description, source, options) must equal a resumed build's."""
-        self.out = Path(out_dir)
-        self.work = self.out / BUILD_DIR
-        self.work.mkdir(parents=True, exist_ok=True)
-        info_path = self.work / "build.json"
-        if info_path.exists():
-            previous = json.loads(info_path.read_text())
-            if previous != json.loads(json.dumps(build_info)):
-                raise IndexFolderError(
-                    f"{self.out} holds an unfinished build with other settings "
-                    f"({_first_difference(previous, build_info)}). Run the same command as before "
-                    f"to resume it, or delete {self.work} to start over."
-                )
-        else:
-            write_atomic(info_path, json.dumps(build_info, indent=2).encode())
-        self.build_info = build_info
-        self.layout = layout_of(build_info.get("patches"))
-        self.grid = tuple(build_info["model"]["grid"])
-        for stale in self.work.glob("*.tmp*"):  # half-written chunk of a killed run
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-
-    def chunks(self) -> list[Chunk]:
-        """The finished chunks, in source order."""
-        found = []
-        for d in sorted(p for p in self.work.glob("chunk-*") if p.suffix == ""):
-            info = json.loads((d / "info.json").read_text())
-            found.append(Chunk(d, info["row_start"], info["row_end"], info["count"], Counter(info["skipped"])))
-        return found
-
-    def resume_row(self) -> int:
-        """The first source row not yet covered by a finished chunk."""
-        chunks = self.chunks()
-        return chunks[-1].row_end if chunks else 0
-
-    def add_chunk(
-        self,
-        row_start: int,
-        row_end: int,
-        cls: np.ndarray,  # (n, d) float32, L2-normalised
-        patches: np.ndarray,  # (n, p, d) float32, L2-normalised
-        meta: list[dict],  # per image: source_row, width, height, label, thumbnail
-        skipped: Counter,
-    ) -> None:
-        """Record the images of source rows [row_start, row_end); rows not in `meta` were skipped."""
-        patches, cells = reduce_patches(self.layout, cls, patches, self.grid) if len(meta) else (patches, None)
-        index = len(self.chunks())
-        final = self.work / f"chunk-{index:07d}"
-        tmp = self.work / f"chunk-{index:07d}.tmp"
-        tmp.mkdir()
-        np.save(tmp / "cls.npy", cls.astype(np.float32))
-        np.save(tmp / "patches.npy", patches.astype(np.float16))  # halves the scratch space
-        if cells is not None:
-            np.save(tmp / "cells.npy", cells)
-        pq.write_table(_meta_table(meta, ids=range(len(meta))), tmp / "meta.parquet")
-        info = {"row_start": row_start, "row_end": row_end, "count": len(meta), "skipped": dict(skipped)}
-        (tmp / "info.json").write_text(json.dumps(info))
-        for file in tmp.iterdir():  # on disk before the rename makes the chunk count: a power cut loses no chunk
-            _fsync(file)
-        os.replace(tmp, final)
-        _fsync(self.work)
-
-    def finalize(self, manifest_extra: dict, index_type: str = "auto") -> dict:
-        """Assemble the chunks into the index folder and return its manifest.
-
-        Each FAISS index is trained on a sample and filled chunk by chunk, so the exact vectors of
-        a large build are never all in memory at once (the compressed index being built is).
-        """
-        chunks = [c for c in self.chunks() if c.count]
-        skipped = sum((c.skipped for c in self.chunks()), Counter())
-        count = sum(c.count for c in chunks)
-        if count == 0:
-            raise IndexFolderError(f"No image could be indexed (skipped: {_describe(skipped)}).")
-        dim, slots = self.build_info["model"]["dim"], self.layout.slots(self.grid)
-        specs = {"global": choose_spec(count, dim, "global", index_type),
-                 "patch": choose_spec(count * slots, dim, "patch", index_type)}
-        for name, file, kind in (("cls", GLOBAL, "global"), ("patches", PATCHES, "patch")):
-            self._write_faiss(chunks, name, specs[kind], self.out / file)
-        if self.layout.mode == "salient":
-            _write_npy(np.concatenate([np.load(c.path / "cells.npy") for c in chunks]), self.out / CELLS)
-        self._write_meta(chunks)
-        manifest = self._manifest(count, slots, specs, skipped, manifest_extra)
-        write_atomic(self.out / MANIFEST, json.dumps(manifest, indent=2).encode())
-        shutil.rmtree(self.work)
-        return manifest
-
-    def _write_faiss(self, chunks: list[Chunk], name: str, spec: IndexSpec, path: Path) -> None:
-        dim = self.build_info["model"]["dim"]
-
-        def vectors(chunk: Chunk) -> np.ndarray:  # (rows, dim) float16/32, memory-mapped
-            return np.load(chunk.path / f"{name}.npy", mmap_mode="r").reshape(-1, dim)
-
-        total = sum(len(vectors(c)) for c in chunks)
-        sample = _sample([vectors(c) for c in chunks], total, train_size(spec, total))
-        index = build_faiss(spec, dim, sample, lambda: (vectors(c) for c in chunks))
-        _write_index(index, path)
-
-    def _write_meta(self, chunks: list[Chunk]) -> None:
-        tables, next_id = [], 0
-        for chunk in chunks:  # ids follow source order, so a resumed build gets the same ids
-            table = pq.read_table(chunk.path / "meta.parquet")
-            ids = pa.array(np.arange(next_id, next_id + table.num_rows), pa.int64())
-            tables.append(table.set_column(0, "id", ids))
-            next_id += table.num_rows
-        tmp_meta = self.out / f".{META}.tmp"
-        pq.write_table(pa.concat_tables(tables), tmp_meta, row_group_size=THUMB_GROUP)
-        _fsync(tmp_meta)
-        os.replace(tmp_meta, self.out / META)
-
-    def _manifest(self, count: int, slots: int, specs: dict, skipped: Counter, extra: dict) -> dict:
-        return {
-            "format_version": FORMAT_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "model": self.build_info["model"],
-            "count": count,
-            "patches_per_image": slots,
-            "patches": self.layout.describe(),
-            "metric": "inner_product",
-            "global_factory": specs["global"].factory,
-            "global_search": specs["global"].search_params,
-            "patch_factory": specs["patch"].factory,
-            "patch_search": specs["patch"].search_params,
-            "skipped": dict(skipped),
-            **{k: v for k, v in self.build_info.items() if k not in ("model", "patches")},
-            **extra,
-        }
-
-
-def _sample(arrays: list[np.ndarray], total: int, size: int) -> np.ndarray:
-    """About `size` rows drawn evenly at random from `arrays`, read one array at a time."""
-    if size <= 0:
-        return np.zeros((0, arrays[0].shape[1]), np.float32)
-    rng, picked = np.random.default_rng(0), []
-    for array in arrays:
-        take = min(len(array), int(round(size * len(array) / total)))
-        rows = np.sort(rng.choice(len(array), take, replace=False))
-        picked.append(np.asarray(array[rows], dtype=np.float32))
-    return np.concatenate(picked)
-
-
-def _write_npy(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _write_index(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    faiss.write_index(index, str(tmp))
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk, so a rename after it never exposes an empty file."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _meta_table(meta: list[dict], ids) -> pa.Table:
-    columns = {"id": list(ids)}
-    for name in META_SCHEMA.names[1:]:
-        columns[name] = [row.get(name) for row in meta]
-    return pa.table(columns, schema=META_SCHEMA)
-
-
-def _describe(counts: Counter) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "nothing"
-
-
-def _first_difference(a: dict, b: dict) -> str:
-    for key in sorted(set(a) | set(b)):
-        if a.get(key) != b.get(key):
-            return f"{key}: {a.get(key)!r} before, {b.get(key)!r} now"
-    return "none"
 
 
 @dataclass
@@ -330,7 +121,7 @@ def check_model(manifest: dict, model: dict, path: Path) -> None:
     """Refuse an index built with another model: its vectors mean nothing to this one."""
     built = manifest["model"]
     differences = [f"{k} {built.get(k)} vs {model.get(k)}" for k in MODEL_KEYS if built.get(k) != model.get(k)]
-    if _model_name(built["id"]) != _model_name(model["id"]):
+    if short_name(built["id"]) != short_name(model["id"]):
         differences.insert(0, f"model {built['id']} vs {model['id']}")
     if differences:
         raise IndexFolderError(
@@ -339,19 +130,13 @@ def check_model(manifest: dict, model: dict, path: Path) -> None:
         )
 
 
-def _model_name(model_id: str) -> str:
-    """'facebook/dino-vits16' and a local folder '.../dino-vits16' name the same model."""
-    return Path(str(model_id).rstrip("/")).name
-
-
 def _open_faiss(file: Path, search_params: str) -> faiss.Index:
     if not file.is_file():
         raise IndexFolderError(f"{file} is missing; the index is incomplete, rebuild it.")
     try:
         return open_faiss_file(str(file), search_params)
     except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else "unreadable"
-        raise IndexFolderError(f"{file} is damaged ({reason}); rebuild the index.") from None
+        raise IndexFolderError(f"{file} is damaged ({first_line(e)}); rebuild the index.") from None
 
 
 def _open_meta(file: Path) -> tuple[pa.Table, pq.ParquetFile]:

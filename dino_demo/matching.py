@@ -5,8 +5,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .model import Features, patch_boxes
-from .search import Box, normalise_box, select_patches
+from .geometry import Box, fit_box, patch_centres, patches_in
+from .model import Features
+
+MATCH_LINES = 40  # match lines drawn when a caller does not say how many
 
 
 @dataclass
@@ -41,8 +43,8 @@ def match_patches(a: Features, b: Features, box=None) -> Matches:
     size_a, size_b = a.sizes[0], b.sizes[0]
     chosen = np.arange(a.patches.shape[1])
     if box is not None:
-        box = normalise_box(box, size_a)
-        chosen = select_patches(size_a, a.grid, box)
+        box = fit_box(box, size_a)
+        chosen = patches_in(box, size_a, a.grid)
     sims = a.patches[0, chosen] @ b.patches[0].T  # (m, pb)
     a_to_b = sims.argmax(axis=1)
     b_to_a = sims.argmax(axis=0)
@@ -50,9 +52,4 @@ def match_patches(a: Features, b: Features, box=None) -> Matches:
     scores = sims[mutual, a_to_b[mutual]]
     order = np.argsort(-scores, kind="stable")
     ia, ib = chosen[mutual[order]], a_to_b[mutual[order]]
-    return Matches(ia, ib, scores[order], _centres(size_a, a.grid)[ia], _centres(size_b, b.grid)[ib], box)
-
-
-def _centres(size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
-    boxes = patch_boxes(size, grid)
-    return np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+    return Matches(ia, ib, scores[order], patch_centres(size_a, a.grid)[ia], patch_centres(size_b, b.grid)[ib], box)

@@ -2,10 +2,9 @@
 
 Every image is resized (bicubic, aspect ratio not kept) to a square `input_size` x `input_size`
 input, so each image gives the same patch grid (gh x gw) and a patch index means the same
-thing for every image in an index. Patch (r, c) then covers exactly the rectangle
-[c*W/gw, (c+1)*W/gw) x [r*H/gh, (r+1)*H/gh) of the original W x H image: the boxes tile it
-with no gap or overlap, whatever its aspect ratio. DINO features are robust to this stretch;
-cropping (the processors' default for DINOv2) would drop content a user may box.
+thing for every image in an index; geometry.py maps patches back to the original pixels.
+DINO features are robust to this stretch; cropping (the processors' default for DINOv2) would
+drop content a user may box.
 """
 from __future__ import annotations
 
@@ -18,18 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .backbones import DEFAULT_MODEL
+from .config import DEFAULT_CACHE_DIR
+from .errors import UserError, first_line
 from .hub import require_hub
 from .onnx_backend import BackendUnavailable, OnnxModel, backend_order, load_onnx_model
 
-DEFAULT_MODEL = "facebook/dinov2-small"
-DEFAULT_ONNX_CACHE = Path.home() / ".cache" / "dino-demo" / "onnx"
 log = logging.getLogger(__name__)
-KNOWN_MODELS = (
-    "facebook/dinov2-small", "facebook/dinov2-base",
-    "facebook/dinov2-with-registers-small", "facebook/dinov2-with-registers-base",
-    "facebook/dino-vits16", "facebook/dino-vits8", "facebook/dino-vitb16", "facebook/dino-vitb8",
-)
 
 
 class ModelLoadError(UserError):
@@ -45,19 +39,9 @@ class Features:
     grid: tuple[int, int]  # (gh, gw)
     sizes: list[tuple[int, int]]  # original (width, height) of each image
 
-    def patch_boxes(self, i: int) -> np.ndarray:
-        """(gh*gw, 4) boxes of image i's patches in its original pixels."""
-        return patch_boxes(self.sizes[i], self.grid)
-
-
-def patch_boxes(size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
-    """(gh*gw, 4) float32 boxes (x0, y0, x1, y1), row-major, tiling a `size` = (w, h) image exactly."""
-    (w, h), (gh, gw) = size, grid
-    xs = np.arange(gw + 1, dtype=np.float64) * (w / gw)
-    ys = np.arange(gh + 1, dtype=np.float64) * (h / gh)
-    x0, y0 = np.meshgrid(xs[:-1], ys[:-1])
-    x1, y1 = np.meshgrid(xs[1:], ys[1:])
-    return np.stack([x0, y0, x1, y1], axis=-1).reshape(-1, 4).astype(np.float32)
+    def one(self, i: int) -> "Features":
+        """The features of image i alone, as a batch of one."""
+        return Features(self.cls[i:i + 1], self.patches[i:i + 1], self.grid, [self.sizes[i]])
 
 
 def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
@@ -100,9 +84,8 @@ def _load_pretrained(model_id: str, revision: str | None):
     try:
         return _from_pretrained(source, kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
-            f"Could not load model '{model_id}': {first} Pass a hub id such as "
+            f"Could not load model '{model_id}': {first_line(e)} Pass a hub id such as "
             f"{DEFAULT_MODEL} or a folder holding config.json and the weights."
         ) from None
 
@@ -161,7 +144,7 @@ class Embedder:
         self._interpolate = {"interpolate_pos_encoding": True} if self.model_type == "vit" else {}
         self._lock = threading.Lock()  # one forward at a time; attention() switches the kernel
         order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
-        self._onnx: OnnxModel | None = self._load_onnx(order, Path(cache_dir or DEFAULT_ONNX_CACHE))
+        self._onnx: OnnxModel | None = self._load_onnx(order, Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx")
         self.backend: str = self._onnx.backend if self._onnx else "torch"
 
     def _load_onnx(self, order: list[str], cache_dir: Path) -> OnnxModel | None:
@@ -185,15 +168,12 @@ class Embedder:
             "dim": self.dim, "grid": list(self.grid),
         }
 
-    def prepare(self, image: Image.Image) -> np.ndarray:
-        return prepare_image(image, self.input_size)
-
     def embed(self, images: list[Image.Image]) -> Features:
         """Features of RGB images of any size, computed `batch_size` at a time."""
         parts = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            arrays = np.stack([self.prepare(im) for im in chunk])
+            arrays = np.stack([prepare_image(im, self.input_size) for im in chunk])
             parts.append(self.embed_prepared(arrays, [im.size for im in chunk]))
         if not parts:
             raise ValueError("embed() needs at least one image")
@@ -206,7 +186,7 @@ class Embedder:
 
     @torch.inference_mode()
     def embed_prepared(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> Features:
-        """Features of a (n, S, S, 3) uint8 batch made by `prepare`; `sizes` are the originals."""
+        """Features of a (n, S, S, 3) uint8 batch made by `prepare_image`; `sizes` are the originals."""
         with self._lock:
             if self._onnx is not None:
                 hidden = torch.from_numpy(self._onnx(self._to_input(pixels).numpy()))
@@ -228,7 +208,7 @@ class Embedder:
     @torch.inference_mode()
     def attention(self, image: Image.Image) -> np.ndarray:
         """(heads, gh, gw) float32: how much the last layer's CLS token attends to each patch."""
-        pixels = self._to_input(self.prepare(image)[None])
+        pixels = self._to_input(prepare_image(image, self.input_size)[None])
         with self._lock:
             self.model.set_attn_implementation("eager")  # SDPA does not return attention weights
             try:

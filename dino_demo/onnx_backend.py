@@ -1,7 +1,7 @@
 """Faster query embedding on a CPU: the backbone exported to ONNX Runtime, optionally with int8 weights.
 
-Why: on a 2-core CPU box (a free Space) eager PyTorch spends ~75-85 ms on one ViT-S/16 image, most of it
-in the Linear layers; ONNX Runtime with dynamically quantised int8 MatMuls roughly halves that (see
+Why: on a CPU box (a free Space) eager PyTorch spends most of one query's time in the Linear layers,
+and ONNX Runtime with dynamically quantised int8 MatMuls is markedly faster (measured in
 benchmarks/RESULTS.md, "Query embedding"). The export is cached on disk, keyed by the weights, the input
 size and the library versions, so it is made once. Each export is checked against the torch float32
 features when it is made and refused below `MIN_COSINE`: int8 error depends on the trained weights'
@@ -23,9 +23,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .errors import UserError
+from . import atomic
+from .config import BACKENDS
+from .errors import UserError, first_line
 
-BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 MIN_COSINE = 0.99  # features must stay this close to torch float32, per token, or the export is refused
 _FORMAT = 1  # bump when the exported graph changes, so old cache entries are not reused
 _OPSET = 18  # the first with an antialiased Resize
@@ -79,12 +80,12 @@ def load_onnx_model(model: torch.nn.Module, input_size: int, backend: str, cache
             _export(model, input_size, backend, path, extra_kwargs)
             session = _session(onnxruntime, path, threads)
             cosine = _worst_cosine(model, session, checks, extra_kwargs)
-            _write_atomic(verdict_path, json.dumps({"backend": backend, "cosine": cosine}).encode())
+            atomic.write_bytes(verdict_path, json.dumps({"backend": backend, "cosine": cosine}).encode())
         else:
             session = _session(onnxruntime, path, threads)
             cosine = json.loads(verdict_path.read_text())["cosine"]
     except Exception as e:  # a failed export must cost speed, never the app
-        raise BackendUnavailable(f"{backend} export failed ({type(e).__name__}: {_first_line(e)})") from None
+        raise BackendUnavailable(f"{backend} export failed ({type(e).__name__}: {first_line(e, 200)})") from None
     if cosine < min_cosine:
         raise BackendUnavailable(f"{backend} features are too far from float32 (cosine {cosine:.4f} < {min_cosine})")
     return OnnxModel(session, backend, path, cosine)
@@ -135,7 +136,7 @@ def _export(model: torch.nn.Module, input_size: int, backend: str, path: Path, e
         if backend == "onnx-int8":
             made = Path(tmp) / "int8.onnx"
             _quantize(fp32, made)
-        os.replace(made, path)
+        atomic.write_with(path, lambda tmp: os.replace(made, tmp))
 
 
 @contextmanager
@@ -205,14 +206,3 @@ def _cache_key(model: torch.nn.Module, input_size: int, ort_version: str) -> str
         digest.update(name.encode())
         digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
     return f"{type(model).__name__.lower()}-{input_size}-{digest.hexdigest()}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else "no message"

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .geometry import Box, Grid, Size, cells_box, fit_box, patches_in
 from .index import Index
-from .model import Features, patch_boxes
+from .model import Features
 from .patch_select import slot_cells, slots_to_grid
 
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) in an image's own pixels
+MAX_RESULTS = 1000  # the most results any one search returns; the app's own limit (max_k) is lower
 
 
 class SearchError(UserError):
@@ -32,11 +33,13 @@ class Hit:
     heat: np.ndarray | None = None  # (gh, gw) best similarity of each hit patch to the region
 
 
-def check_k(k: int, limit: int = 1000) -> int:
-    """Refuse k < 1 with a clear message; cap a huge k at `limit`."""
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise SearchError(f"The number of results must be at least 1 (got {k}).")
-    return int(min(k, limit))
+def check_k(k, limit: int = MAX_RESULTS) -> int:
+    """k as an int, refused with a clear message unless it is a whole number from 1 to `limit`."""
+    if isinstance(k, float) and k.is_integer():
+        k = int(k)  # sliders and JSON send 5.0
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= limit:
+        raise SearchError(f"The number of results must be between 1 and {limit} (got {k}).")
+    return int(k)
 
 
 def search_image(index: Index, features: Features, k: int = 10) -> list[Hit]:
@@ -44,36 +47,6 @@ def search_image(index: Index, features: Features, k: int = 10) -> list[Hit]:
     k = min(check_k(k), index.count)
     scores, ids = index.global_index.search(features.cls[:1], k)
     return [Hit(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-
-
-def normalise_box(box, size: tuple[int, int]) -> Box:
-    """Order the corners and clip to the image; refuse a box with no area inside it."""
-    if box is None or len(box) != 4:
-        raise SearchError("Draw a box on the image first: drag with the mouse over the region to search.")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    x0, x1 = sorted((x0, x1))
-    y0, y1 = sorted((y0, y1))
-    w, h = size
-    x0, x1 = max(0.0, x0), min(float(w), x1)
-    y0, y1 = max(0.0, y0), min(float(h), y1)
-    if x1 - x0 < 1 or y1 - y0 < 1:
-        raise SearchError(
-            f"The box ({box}) has no area inside the {w}x{h} image; drag out a larger box over the region."
-        )
-    return (x0, y0, x1, y1)
-
-
-def select_patches(size: tuple[int, int], grid: tuple[int, int], box: Box) -> np.ndarray:
-    """Indices of the patches whose centre lies in `box`; the most-covered patch if none does."""
-    boxes = patch_boxes(size, grid)
-    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-    x0, y0, x1, y1 = box
-    inside = np.flatnonzero((cx >= x0) & (cx <= x1) & (cy >= y0) & (cy <= y1))
-    if inside.size:
-        return inside
-    overlap_w = np.clip(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), 0, None)
-    overlap_h = np.clip(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), 0, None)
-    return np.array([int(np.argmax(overlap_w * overlap_h))])
 
 
 def search_region(
@@ -87,8 +60,8 @@ def search_region(
 ) -> list[Hit]:
     """The k images holding the region most like the query's `box` (image 0 of `features`)."""
     k = min(check_k(k), index.count)
-    box = normalise_box(box, features.sizes[0])
-    query = features.patches[0, select_patches(features.sizes[0], features.grid, box)]  # (m, d)
+    box = fit_box(box, features.sizes[0])
+    query = features.patches[0, patches_in(box, features.sizes[0], features.grid)]  # (m, d)
     ranked = _candidates(index, query, per_patch)[: max(candidates, k)]
     sims = {image_id: query @ image_patches(index, image_id).T for image_id in ranked}  # each (m, slots)
     # Exact score of each candidate: mean over query patches of their best similarity in it.
@@ -124,12 +97,9 @@ def _hit(index: Index, image_id: int, sims: np.ndarray, with_heat: bool) -> Hit:
     return Hit(image_id, float(sims.max(axis=1).mean()), box, heat)
 
 
-def match_box(size: tuple[int, int], grid: tuple[int, int], patches: np.ndarray) -> Box:
+def match_box(size: Size, grid: Grid, patches: np.ndarray) -> Box:
     """The box around the best-matching patches, ignoring the farthest-flung tenth on each side."""
-    gw = grid[1]
-    rows, cols = np.asarray(patches) // gw, np.asarray(patches) % gw
+    rows, cols = np.divmod(np.asarray(patches), grid[1])
     r0, r1 = np.percentile(rows, [10, 90], method="nearest") if len(rows) > 4 else (rows.min(), rows.max())
     c0, c1 = np.percentile(cols, [10, 90], method="nearest") if len(cols) > 4 else (cols.min(), cols.max())
-    w, h = size
-    cell_w, cell_h = w / grid[1], h / grid[0]
-    return (float(c0 * cell_w), float(r0 * cell_h), float((c1 + 1) * cell_w), float((r1 + 1) * cell_h))
+    return cells_box(size, grid, (int(r0), int(r1)), (int(c0), int(c1)))

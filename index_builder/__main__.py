@@ -3,27 +3,16 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import sys
+from dataclasses import fields
 
+from dino_demo.backbones import DEFAULT_MODEL, KNOWN_MODELS
+from dino_demo.config import add_arguments
 from dino_demo.errors import UserError
-from dino_demo.model import DEFAULT_MODEL, KNOWN_MODELS
+
+from .build import BuildOptions
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
-
-
-def default_workers() -> int:
-    """Decoding and the face gate are the CPU's share of a build and, on a GPU box, its limit: every
-    core but the one feeding the model."""
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
-def default_batch_size(device: str) -> int:
-    """Large batches keep a GPU busy (ViT-S/16 runs thousands of images/s there); on a CPU batching
-    gains nothing and the library's smaller default keeps memory and progress steps small."""
-    from .build import BuildOptions
-
-    return 256 if device == "cuda" else BuildOptions.batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,21 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", help="column with a label or caption to show (default: label/caption if present)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL}; also {', '.join(KNOWN_MODELS[1:])})")
     p.add_argument("--out", required=True, help="index folder to write (resumed if a build there was interrupted)")
-    p.add_argument("--limit", type=int, help="index at most the first N rows")
-    p.add_argument("--batch-size", type=int, help="images per model batch (default 256 on a GPU, 64 elsewhere)")
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best there is)")
-    p.add_argument("--workers", type=int, default=default_workers(),
-                   help="image-decoding processes (default: one per core but one; 0: decode in the main process)")
-    p.add_argument("--streaming", action="store_true", help="read the dataset as a stream instead of downloading it first")
-    p.add_argument("--skip-faces", action=argparse.BooleanOptionalAction, default=True, help="leave out photos of people (default: on)")
-    p.add_argument("--chunk-size", type=int, default=1024, help="images per resumable chunk (default 1024)")
-    p.add_argument("--thumb-size", type=int, default=256, help="longer side of stored thumbnails in pixels (default 256)")
     p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
-    p.add_argument("--patches", default="auto", help="patch vectors kept per image for region search: all, pooled (2x2), "
-                   "salient[:N] (the N most CLS-like, default 16), or auto: all up to 20,000 images, else pooled")
-    p.add_argument("--index-type", default="auto", choices=("auto", "flat", "compressed"),
-                   help="auto: exact search for small collections, HNSW (images) and IVF-PQ (patches) beyond (see README, Scale); or force one")
+    p.add_argument("--streaming", action="store_true", help="read the dataset as a stream instead of downloading it first")
     p.add_argument("--push-to-hub", metavar="USER/REPO", help="then upload the index as a dataset repo (serve it with --index hf://USER/REPO)")
+    add_arguments(p, BuildOptions)
     return p
 
 
@@ -80,21 +59,19 @@ def run(args: argparse.Namespace) -> int:
 
     from dino_demo.model import Embedder, pick_device
 
-    from .build import BuildOptions, build_index
+    from .build import build_index, default_batch_size
     from .source import open_source
 
     device = pick_device(args.device)
-    batch_size = args.batch_size or default_batch_size(device)
-    options = BuildOptions(
-        batch_size=batch_size, workers=args.workers, chunk_size=args.chunk_size,
-        thumb_size=args.thumb_size, skip_faces=args.skip_faces, limit=args.limit,
-        patches=args.patches, index_type=args.index_type,
-    )
+    given = {f.name: getattr(args, f.name) for f in fields(BuildOptions) if getattr(args, f.name) is not None}
+    options = BuildOptions(**{"batch_size": default_batch_size(device), **given})
+    batch_size = options.batch_size
     source = open_source(args.dataset, args.split, args.image_column, args.label_column, args.streaming)
     embedder = Embedder(args.model, device=device, input_size=args.input_size, batch_size=batch_size)
-    total = source.num_rows if args.limit is None else min(args.limit, source.num_rows or args.limit)
+    limit = options.limit
+    total = source.num_rows if limit is None else min(limit, source.num_rows or limit)
     print(f"indexing {args.dataset} [{args.split}] with {args.model} on {embedder.device} (batch {batch_size}, "
-          f"{args.workers} decoding processes) into {args.out}", file=sys.stderr)
+          f"{options.workers} decoding processes) into {args.out}", file=sys.stderr)
     skipped = {}
     with tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True) as bar:
         def progress(decoded) -> None:

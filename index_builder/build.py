@@ -1,47 +1,67 @@
-"""Source rows -> decoded, face-checked, resized images -> embeddings -> index.Writer.
+"""Source rows -> decoded, face-checked, resized images -> embeddings -> index_writer.Writer.
 
-Decoding runs in worker processes (`decode_rows`) a few batches ahead of the model, so the
-GPU does not wait on JPEG decoding. Rows are taken in order and written in chunks, which is
-what lets a killed build resume where it stopped with every image exactly once.
+Decoding runs in worker processes (`Decoder`) a few batches ahead of the model, so the GPU does
+not wait on JPEG decoding. Rows are taken in order and written in chunks, which is what lets a
+killed build resume where it stopped with every image exactly once.
 """
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from dino_demo.config import setting
 from dino_demo.faces import FaceGate
-from dino_demo.images import ImageError, load_image, make_thumbnail
-from dino_demo.index import Writer
-from dino_demo.index_types import choose_layout
+from dino_demo.images import DEFAULT_MAX_PIXELS, ImageError, load_image, make_thumbnail
+from dino_demo.index_types import INDEX_TYPES, choose_layout
+from dino_demo.index_writer import Writer
 from dino_demo.model import Embedder, prepare_image
 
 from .source import Row, Source
 
+GateFactory = Callable[[], FaceGate]  # makes a face gate in each decoding process; must pickle (a class does)
+
+
+def default_workers() -> int:
+    """Decoding and the face gate are the CPU's share of a build and, on a GPU box, its limit: every
+    core but the one feeding the model."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
 
 @dataclass
 class BuildOptions:
-    batch_size: int = 64
-    workers: int = 4  # decoding processes; 0 decodes in this process
-    chunk_size: int = 1024  # images per resumable chunk: a kill loses at most this much work
-    thumb_size: int = 256  # longer side of the stored thumbnails, in pixels
-    skip_faces: bool = True
-    limit: int | None = None  # stop after this many source rows
-    max_pixels: int = 40_000_000
-    patches: str = "all"  # patch vectors stored per image: all | pooled | salient[:N] | auto (by size)
-    index_type: str = "auto"  # auto (by size) | flat (exact) | compressed (HNSW / IVF-PQ); see index_types
+    """How a build runs; `python -m index_builder` makes one command-line option per field."""
+
+    batch_size: int = setting(64, "images per model batch", shown="256 on a GPU, 64 elsewhere")
+    workers: int = setting(help="image-decoding processes (0: decode in the main process)", minimum=0,
+                           factory=default_workers, shown="one per core but one")
+    chunk_size: int = setting(1024, "images per resumable chunk: a kill loses at most this much work")
+    thumb_size: int = setting(256, "longer side of stored thumbnails in pixels (0: none)", minimum=0)
+    skip_faces: bool = setting(True, "leave out photos of people, and count them")
+    limit: int | None = setting(None, "index at most the first N rows", shown="every row")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "skip images larger than this many pixels", shown="40 million")
+    patches: str = setting("auto", "patch vectors kept per image for region search: all, pooled (2x2), salient[:N] "
+                           "(the N most CLS-like, 16 by default), or auto: all up to 20,000 images, else pooled")
+    index_type: str = setting("auto", "auto: exact search for small collections, HNSW (images) and IVF-PQ "
+                              "(patches) beyond (README, Scale); or force one", choices=INDEX_TYPES)
+
+
+def default_batch_size(device: str) -> int:
+    """Large batches keep a GPU busy (ViT-S/16 runs thousands of images/s there); on a CPU batching
+    gains nothing and the library's smaller default keeps memory and progress steps small."""
+    return 256 if device == "cuda" else BuildOptions.batch_size
 
 
 @dataclass
 class Decoded:
     """A batch of rows turned into model inputs; what could not be used is counted by reason."""
 
-    rows: list[int] = field(default_factory=list)
     pixels: list[np.ndarray] = field(default_factory=list)  # each (S, S, 3) uint8
     meta: list[dict] = field(default_factory=list)
     skipped: Counter = field(default_factory=Counter)
@@ -59,34 +79,42 @@ class BuildReport:
     manifest: dict
 
 
-_gate: FaceGate | None = None  # one per decoding process, made on first use
+@dataclass
+class Decoder:
+    """Decode, face-check and resize a batch of rows. Plain data, so each decoding process gets a copy,
+    which makes its own face gate on first use (MediaPipe graphs cannot be shared or pickled)."""
 
+    input_size: int
+    thumb_size: int
+    max_pixels: int
+    gate_factory: GateFactory | None  # None: keep photos of people
+    _gate: FaceGate | None = field(default=None, init=False, repr=False, compare=False)
 
-def decode_rows(rows: list[Row], input_size: int, thumb_size: int, skip_faces: bool, max_pixels: int) -> Decoded:
-    """Decode, check and resize a batch of rows; runs in a worker process."""
-    global _gate
-    out = Decoded(first_row=rows[0].index, last_row=rows[-1].index)
-    for row in rows:
-        if row.image is None:
-            out.skipped["missing image"] += 1
-            continue
-        try:
-            image = load_image(row.image, max_pixels=max_pixels)
-        except ImageError as e:
-            out.skipped[e.reason] += 1
-            continue
-        if skip_faces:
-            _gate = _gate or FaceGate()
-            if _gate.check(image).has_face:
-                out.skipped["face"] += 1
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_gate": None}
+
+    def __call__(self, rows: list[Row]) -> Decoded:
+        out = Decoded(first_row=rows[0].index, last_row=rows[-1].index)
+        for row in rows:
+            if row.image is None:
+                out.skipped["missing image"] += 1
                 continue
-        out.rows.append(row.index)
-        out.pixels.append(prepare_image(image, input_size))
-        out.meta.append({
-            "source_row": row.index, "width": image.width, "height": image.height, "label": row.label,
-            "thumbnail": make_thumbnail(image, thumb_size) if thumb_size else None,
-        })
-    return out
+            try:
+                image = load_image(row.image, max_pixels=self.max_pixels)
+            except ImageError as e:
+                out.skipped[e.reason] += 1
+                continue
+            if self.gate_factory is not None:
+                self._gate = self._gate or self.gate_factory()
+                if self._gate.check(image).has_face:
+                    out.skipped["face"] += 1
+                    continue
+            out.pixels.append(prepare_image(image, self.input_size))
+            out.meta.append({
+                "source_row": row.index, "width": image.width, "height": image.height, "label": row.label,
+                "thumbnail": make_thumbnail(image, self.thumb_size) if self.thumb_size else None,
+            })
+        return out
 
 
 def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -100,26 +128,41 @@ def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
         yield batch
 
 
-def _decoded(batches: Iterator[list[Row]], args: tuple, workers: int) -> Iterator[Decoded]:
+_worker_decoder: Decoder | None = None  # this decoding process's copy, set when the process starts
+
+
+def _start_worker(decoder: Decoder) -> None:
+    global _worker_decoder
+    _worker_decoder = decoder
+
+
+def _decode_in_worker(rows: list[Row]) -> Decoded:
+    return _worker_decoder(rows)
+
+
+def _decoded(batches: Iterator[list[Row]], decoder: Decoder, workers: int) -> Iterator[Decoded]:
     """Decoded batches in source order, `workers` processes working a bounded distance ahead."""
     if workers <= 0:
         for batch in batches:
-            yield decode_rows(batch, *args)
+            yield decoder(batch)
         return
     # fork is cheap and the workers never touch torch; spawn where fork is unsafe (macOS).
     method = "fork" if sys.platform.startswith("linux") else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    with multiprocessing.get_context(method).Pool(workers, _start_worker, (decoder,)) as pool:
         pending: deque = deque()
         for batch in batches:
-            pending.append(pool.apply_async(decode_rows, (batch, *args)))
+            pending.append(pool.apply_async(_decode_in_worker, (batch,)))
             if len(pending) >= 2 * workers:  # bounded: a huge dataset is never queued whole
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
 
 
-def build_index(source: Source, embedder: Embedder, out_dir: str, options: BuildOptions, progress=None) -> BuildReport:
-    """Build (or resume building) the index folder `out_dir` from `source` and return a report."""
+def build_index(source: Source, embedder: Embedder, out_dir: str, options: BuildOptions, progress=None,
+                gate: GateFactory = FaceGate) -> BuildReport:
+    """Build (or resume building) the index folder `out_dir` from `source` and return a report.
+
+    `gate` makes the face gate of each decoding process (used when `options.skip_faces`)."""
     build_info = {
         "model": embedder.describe(),
         "source": source.describe(),
@@ -130,10 +173,11 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
     writer = Writer(out_dir, build_info)
     start = writer.resume_row()
     started = time.perf_counter()
-    args = (embedder.input_size, options.thumb_size, options.skip_faces, options.max_pixels)
+    decoder = Decoder(embedder.input_size, options.thumb_size, options.max_pixels,
+                      gate if options.skip_faces else None)
     batches = _batches(source.rows(start, options.limit), options.batch_size)
     buffer = _ChunkBuffer(start)
-    for decoded in _decoded(batches, args, options.workers):
+    for decoded in _decoded(batches, decoder, options.workers):
         if decoded.pixels:
             sizes = [(m["width"], m["height"]) for m in decoded.meta]
             features = embedder.embed_prepared(np.stack(decoded.pixels), sizes)

@@ -110,12 +110,12 @@ def app_server(tmp_path_factory, tiny_vit):
     """The real app (real MediaPipe face gate) on a free local port, serving the bundled collection
     indexed with the tiny model at 224 px (a 14 x 14 grid, so matches and boxes look like the real thing)."""
     from dino_demo.config import Settings
-    from dino_demo.engine import Engine
+    from app import open_engine
     from dino_demo.ui import build_ui, launch_options
 
     settings = Settings(model=str(tiny_vit), device="cpu", input_size=224, k=6, port=free_port(),
                         host="127.0.0.1", cache_dir=tmp_path_factory.mktemp("app-cache"))
-    engine = Engine.open(settings)
+    engine = open_engine(settings)
     demo = build_ui(engine, settings)
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
     yield f"http://127.0.0.1:{settings.port}/", engine

@@ -3,12 +3,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, make_image, write_imagefolder
+from dino_demo.faces import FaceCheck, FaceGate
 from dino_demo.index import load_index
 from dino_demo.search import search_image, search_region
-from index_builder.__main__ import default_batch_size, default_workers
-from index_builder.build import BuildOptions, build_index
+from index_builder.build import BuildOptions, build_index, default_batch_size, default_workers
 from index_builder.source import open_source
 
 
@@ -96,6 +97,26 @@ def test_photos_of_people_are_kept_out_and_counted(tmp_path, embedder):
     report = build_index(source, embedder, str(tmp_path / "idx"), BuildOptions(workers=0, skip_faces=True))
     assert report.indexed == 2 and report.skipped == {"face": 1}
     assert [load_index(tmp_path / "idx").row(i)["source_row"] for i in range(2)] == [0, 2]
+
+
+class WideIsAFace(FaceGate):
+    """A stand-in face gate that refuses every landscape image (picklable: it goes to decoding processes)."""
+
+    def check(self, image):
+        return FaceCheck(image.width > image.height, [], [])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_builders_face_gate_is_the_one_it_is_given_in_every_decoding_process(tmp_path, embedder, workers):
+    folder = write_imagefolder(tmp_path / "images", 6)  # sizes cycle: 96x72 (wide), 64x64, 50x120
+    source = open_source(str(folder))
+    options = BuildOptions(workers=workers, batch_size=2, skip_faces=True)
+    report = build_index(source, embedder, str(tmp_path / "idx"), options, gate=WideIsAFace)
+    assert report.skipped == {"face": 2}
+    assert [load_index(tmp_path / "idx").row(i)["source_row"] for i in range(4)] == [1, 2, 4, 5]
+    kept = build_index(open_source(str(folder)), embedder, str(tmp_path / "all"),
+                       BuildOptions(workers=workers, batch_size=2, skip_faces=False), gate=WideIsAFace)
+    assert kept.indexed == 6  # --no-skip-faces: the gate is not asked
 
 
 def test_push_to_hub_offline_keeps_the_index_and_says_how_to_upload_it(tmp_path, tiny_vit):

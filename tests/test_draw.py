@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_demo.draw import BOX_COLOUR, draw_box, draw_heatmap, draw_matches, match_colour, scale_box
+from dino_demo.draw import BOX_COLOUR, draw_box, draw_heatmap, draw_matches, match_colour
 from dino_demo.matching import Matches
 
 GREY = (128, 128, 128)
@@ -13,10 +13,6 @@ GREY = (128, 128, 128)
 
 def is_colour(pixel, colour, tolerance=40) -> bool:
     return all(abs(int(p) - int(c)) <= tolerance for p, c in zip(pixel, colour))
-
-
-def test_scale_box_moves_a_box_from_original_to_thumbnail_pixels():
-    assert scale_box((100, 50, 300, 150), (400, 200), (200, 100)) == (50, 25, 150, 75)
 
 
 def test_box_in_original_pixels_lands_at_the_right_thumbnail_pixels():

@@ -1,4 +1,4 @@
-"""Engine: the path input -> limits -> face gate -> embed -> search/match -> pictures, and where its index comes from."""
+"""Engine: the path input -> limits -> face gate -> embed -> search/match -> pictures."""
 from __future__ import annotations
 
 import io
@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from conftest import make_image, write_imagefolder
 
-from dino_demo.config import Settings
-from dino_demo.engine import Engine, FaceRefused, build_default_index, default_index_dir, open_index
-from dino_demo.errors import HubUnreachable
-from dino_demo.faces import FaceGate
+from dino_demo.engine import Engine
+from dino_demo.faces import FaceGate, FaceRefused
+from dino_demo.geometry import BoxError
 from dino_demo.images import ImageError
+from dino_demo.index import load_index
 from dino_demo.search import SearchError
+from index_builder.locate import build_default_index
 
 
 class CountingEmbedder:
@@ -41,7 +42,7 @@ def indexed(tmp_path_factory, tiny_vit):
 
     folder = write_imagefolder(tmp_path_factory.mktemp("collection") / "images", 12)
     embedder = Embedder(str(tiny_vit), device="cpu")
-    index = open_index(None, embedder, tmp_path_factory.mktemp("cache"), folder, skip_faces=False)
+    index = load_index(build_default_index(embedder, tmp_path_factory.mktemp("cache"), folder, skip_faces=False))
     return folder, embedder, index
 
 
@@ -118,65 +119,9 @@ def test_limits_and_bad_k_are_refused_with_clear_messages(engine):
     for k in (0, 21, 2.5, "3"):
         with pytest.raises(SearchError, match="between 1 and 20"):
             engine.search_image(image, k)
-    with pytest.raises(SearchError, match="no area"):
+    with pytest.raises(BoxError, match="no area"):
         engine.search_region(image, (5, 5, 5, 40), 3)
     assert engine.embedder.embedded == 0  # each was refused before the model ran
-
-
-def test_default_collection_is_built_once_then_reused(tmp_path, embedder, image_folder):
-    calls = []
-    out = build_default_index(embedder, tmp_path, image_folder, skip_faces=False, progress=lambda d, t: calls.append((d, t)))
-    assert calls and calls[-1] == (12, 12)
-    assert out == default_index_dir(tmp_path, embedder.model_id, embedder.input_size)
-    manifest = (out / "manifest.json").read_bytes()
-    calls.clear()
-    again = build_default_index(embedder, tmp_path, image_folder, skip_faces=False, progress=lambda d, t: calls.append((d, t)))
-    assert again == out and calls == [] and (out / "manifest.json").read_bytes() == manifest
-
-
-def test_engine_open_builds_the_default_index_then_serves_it(tmp_path, tiny_vit, image_folder):
-    settings = Settings(model=str(tiny_vit), device="cpu", cache_dir=tmp_path, collection=image_folder, face_gate=False)
-    first = Engine.open(settings, progress=lambda d, t: None)
-    assert first.index.count == 12
-    built = []
-    second = Engine.open(settings, progress=lambda d, t: built.append(d))
-    assert built == [] and second.index.count == 12
-    assert second.search_image(str(image_folder / "img000.jpg"), 1).items[0].label == "picture 0"
-
-
-def test_hub_index_offline_fails_in_one_clear_line(monkeypatch, embedder, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(HubUnreachable) as caught:
-        open_index("hf://someone/no-such-index", embedder, tmp_path, tmp_path)
-    message = str(caught.value)
-    assert "\n" not in message
-    assert "someone/no-such-index" in message and "--index" in message
-
-
-def test_index_folder_is_opened_and_checked_against_the_model(indexed, tmp_path, tiny_dinov2):
-    from dino_demo.index import IndexFolderError
-    from dino_demo.model import Embedder
-
-    _, embedder, index = indexed
-    assert open_index(str(index.path), embedder, tmp_path, tmp_path).count == 12
-    with pytest.raises(IndexFolderError, match="does not match"):
-        open_index(str(index.path), Embedder(str(tiny_dinov2), device="cpu"), tmp_path, tmp_path)
-
-
-def test_settings_from_env_and_overrides():
-    settings = Settings.from_env({"DINO_K": "5", "DINO_FACE_GATE": "0", "DINO_INDEX": "hf://a/b", "DINO_PORT": ""})
-    assert (settings.k, settings.face_gate, settings.index, settings.port) == (5, False, "hf://a/b", 7860)
-    assert settings.with_overrides(k=9, index=None).k == 9
-    assert settings.with_overrides(index=None).index == "hf://a/b"
-    from dino_demo.config import SettingsError
-
-    with pytest.raises(SettingsError, match="DINO_K"):
-        Settings.from_env({"DINO_K": "many"})
-    with pytest.raises(SettingsError, match="DINO_SHARE"):
-        Settings.from_env({"DINO_SHARE": "maybe"})
 
 
 def test_result_pictures_have_the_box_drawn(engine, indexed):
@@ -186,18 +131,3 @@ def test_result_pictures_have_the_box_drawn(engine, indexed):
     plain = np.asarray(engine.result_image(item.id), dtype=int)
     drawn = np.asarray(item.picture, dtype=int)
     assert np.abs(plain - drawn).sum() > 0  # something was drawn on the thumbnail
-
-
-def test_upload_index_offline_fails_in_one_clear_line(monkeypatch, indexed, tmp_path):
-    from huggingface_hub import constants
-
-    from index_builder.hub_upload import upload_index
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(HubUnreachable) as caught:
-        upload_index(indexed[2].path, "someone/my-index")
-    assert "\n" not in str(caught.value) and "hf upload --repo-type dataset someone/my-index" in str(caught.value)
-    from dino_demo.errors import UserError
-
-    with pytest.raises(UserError, match="not a finished index"):
-        upload_index(tmp_path, "someone/my-index")

@@ -10,7 +10,7 @@ import pytest
 from matplotlib import cbook
 from PIL import Image, ImageDraw
 
-from dino_demo.faces import FaceCheck, FaceFound, FaceGate, NoFaceGate
+from dino_demo.faces import FaceCheck, FaceRefused, FaceGate, NoFaceGate
 
 COLLECTION = Path(__file__).resolve().parents[1] / "assets" / "collection"
 GRACE_FACE = (171, 146, 366, 342)  # where the face is in grace_hopper.jpg (512 x 600), checked by eye
@@ -104,10 +104,12 @@ def test_the_shipped_collection_passes(gate):
     assert refused == []
 
 
-def test_require_no_face_raises_face_found_with_a_clear_message(gate, portrait):
-    with pytest.raises(FaceFound) as raised:
+def test_require_no_face_raises_face_refused_with_a_clear_message(gate, portrait):
+    from dino_demo.errors import UserError
+
+    with pytest.raises(FaceRefused) as raised:
         gate.require_no_face(portrait)
-    assert isinstance(raised.value, ValueError)
+    assert isinstance(raised.value, UserError)  # shown to the person as it is, in one line
     assert str(raised.value) == ("This image shows a person's face (1 found). "
                                  "Photos of people are not accepted; please upload another image.")
     assert raised.value.check.has_face and len(raised.value.check.boxes) == 1

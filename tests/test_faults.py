@@ -149,20 +149,20 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize("name", [GLOBAL, PATCHES, META, MANIFEST])
 def test_the_app_refuses_to_start_on_a_damaged_index_naming_the_file(whole, tiny_vit, tmp_path, name, damage):
     from dino_demo.config import Settings
-    from dino_demo.engine import Engine
+    from app import open_engine
 
     folder = Path(shutil.copytree(whole, tmp_path / "idx"))
     damage(folder / name)
     with pytest.raises(Exception, match=str(folder / name).replace(".", r"\.")) as caught:
-        Engine.open(Settings(model=str(tiny_vit), index=str(folder), device="cpu", face_gate=False))
+        open_engine(Settings(model=str(tiny_vit), index=str(folder), device="cpu", face_gate=False))
     assert "rebuild" in str(caught.value) or "unfinished build" in str(caught.value) or "not a finished" in str(
         caught.value)
 
 
 def test_the_app_refuses_to_start_on_an_index_for_another_model(whole, tiny_dinov2):
     from dino_demo.config import Settings
-    from dino_demo.engine import Engine
+    from app import open_engine
 
     with pytest.raises(Exception, match=f"The index at {whole} was built with .*tiny-dino-vit") as caught:
-        Engine.open(Settings(model=str(tiny_dinov2), index=str(whole), device="cpu", face_gate=False))
+        open_engine(Settings(model=str(tiny_dinov2), index=str(whole), device="cpu", face_gate=False))
     assert "--model" in str(caught.value)

@@ -7,7 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
-from dino_demo.index import GLOBAL, MANIFEST, META, PATCHES, IndexFolderError, Writer, load_index
+from dino_demo.index import GLOBAL, MANIFEST, META, PATCHES, IndexFolderError, load_index
+from dino_demo.index_writer import Writer
 
 MODEL = {"id": "facebook/dino-vits16", "revision": None, "type": "vit", "input_size": 64,
          "patch_size": 16, "dim": 8, "grid": [2, 2]}
@@ -215,10 +216,13 @@ def test_compressed_index_files_are_opened_memory_mapped(compressed, monkeypatch
 
 def test_every_chunk_file_and_index_file_is_on_disk_before_its_rename(tmp_path, monkeypatch):
     # A power cut after a rename must not leave an empty file behind it: each is fsynced first.
-    from dino_demo import index as index_module
+    from dino_demo import atomic
 
-    synced, real_replace = [], os.replace
-    monkeypatch.setattr(index_module, "_fsync", lambda path: synced.append(Path(path).name))
+    synced, real_fsync, real_replace = [], atomic.fsync, os.replace
+
+    def fsync(path):
+        synced.append(Path(path).name)
+        real_fsync(path)
 
     def replace(src, dst):
         src = Path(src)
@@ -226,7 +230,9 @@ def test_every_chunk_file_and_index_file_is_on_disk_before_its_rename(tmp_path, 
         assert set(names) <= set(synced), f"renamed {src.name} before syncing {set(names) - set(synced)}"
         real_replace(src, dst)
 
-    monkeypatch.setattr(index_module.os, "replace", replace)
+    monkeypatch.setattr(atomic, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     write_index(tmp_path / "idx")
     assert {"info.json", "cls.npy", "patches.npy", "meta.parquet"} <= set(synced)
-    assert f".{index_module.GLOBAL}.tmp" in synced and f".{index_module.META}.tmp" in synced
+    for name in (GLOBAL, PATCHES, META, MANIFEST):
+        assert any(s.startswith(f".{name}.tmp") for s in synced), name

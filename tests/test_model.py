@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, make_image
 from dino_demo.errors import HubUnreachable
 from dino_demo.hub import hub_reachable
-from dino_demo.model import Embedder, patch_boxes
+from dino_demo.model import Embedder
 
 
 @pytest.mark.parametrize("fixture, grid, dim", [("tiny_vit", (4, 4), 32), ("tiny_dinov2", (4, 4), 32), ("tiny_registers", (4, 4), 32)])
@@ -31,26 +31,12 @@ def test_registers_are_not_returned_as_patches(tiny_registers):
     assert embedder.embed([make_image(3)]).patches.shape[1] == 16
 
 
-@pytest.mark.parametrize("size", [(64, 64), (97, 31), (31, 97), (640, 480), (1, 1), (10000, 100)])
-def test_patch_boxes_tile_the_original_image_exactly(size):
-    grid = (4, 6)
-    boxes = patch_boxes(size, grid).astype(np.float64)
-    w, h = size
-    assert boxes.shape == (24, 4)
-    assert np.isclose((boxes[:, 2] - boxes[:, 0]) @ (boxes[:, 3] - boxes[:, 1]), w * h, rtol=1e-5)
-    grid_boxes = boxes.reshape(4, 6, 4)
-    np.testing.assert_allclose(grid_boxes[:, 0, 0], 0)
-    np.testing.assert_allclose(grid_boxes[:, -1, 2], w, rtol=1e-6)
-    np.testing.assert_allclose(grid_boxes[0, :, 1], 0)
-    np.testing.assert_allclose(grid_boxes[-1, :, 3], h, rtol=1e-6)
-    np.testing.assert_array_equal(grid_boxes[:, 1:, 0], grid_boxes[:, :-1, 2])  # neighbours share edges
-    np.testing.assert_array_equal(grid_boxes[1:, :, 1], grid_boxes[:-1, :, 3])
-
-
-def test_features_patch_boxes_use_each_images_own_size(embedder):
+def test_one_image_of_a_batch_keeps_its_own_vectors_and_size(embedder):
     features = embedder.embed([make_image(1, (100, 50)), make_image(2, (30, 90))])
-    assert features.patch_boxes(0)[-1].tolist() == [75, 37.5, 100, 50]
-    assert features.patch_boxes(1)[-1].tolist() == [22.5, 67.5, 30, 90]
+    second = features.one(1)
+    assert second.sizes == [(30, 90)] and second.grid == features.grid
+    np.testing.assert_array_equal(second.cls, features.cls[1:2])
+    np.testing.assert_array_equal(second.patches, features.patches[1:2])
 
 
 def test_a_batch_gives_the_same_features_as_one_by_one(embedder):

@@ -46,14 +46,14 @@ def test_without_onnxruntime_auto_falls_back_to_torch_with_one_warning(tiny_vit,
     assert "using torch" in warned[-1]
     expected = Embedder(str(tiny_vit), device="cpu").embed(IMAGES)
     np.testing.assert_allclose(embedder.embed(IMAGES).cls, expected.cls, atol=1e-6)
-    assert not list(tmp_path.iterdir())  # nothing exported
+    assert not (tmp_path / "onnx").exists()  # nothing exported
 
 
 def test_a_failed_export_falls_back_to_torch(tiny_vit, tmp_path, caplog):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder should be")
     with caplog.at_level(logging.WARNING):
-        embedder = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=blocked / "onnx")
+        embedder = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=blocked)
     assert embedder.backend == "torch"
     assert any("export failed" in r.getMessage() for r in caplog.records)
     assert embedder.embed(IMAGES).cls.shape == (3, 32)
@@ -61,11 +61,11 @@ def test_a_failed_export_falls_back_to_torch(tiny_vit, tmp_path, caplog):
 
 def test_the_export_is_cached_and_reused(tiny_vit, tmp_path):
     first = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path)
-    made = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    made = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "onnx").iterdir()}
     assert first._onnx.path.name in made and len(made) == 2  # the model and its check verdict
     second = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path)
     assert second._onnx.path == first._onnx.path and second._onnx.cosine == first._onnx.cosine
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == made  # nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "onnx").iterdir()} == made  # nothing rewritten
     np.testing.assert_allclose(second.embed(IMAGES).cls, first.embed(IMAGES).cls, atol=1e-6)
     other_size = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path, input_size=96)
     assert other_size._onnx.path != first._onnx.path  # the input size is part of the key
@@ -113,13 +113,13 @@ def test_the_backend_comes_from_DINO_BACKEND_then_the_command_line():
 
 def test_the_app_engine_embeds_with_the_backend_it_is_given(tiny_vit, tmp_path):
     from dino_demo.config import Settings
-    from dino_demo.engine import Engine
+    from app import open_engine
     from dino_demo.faces import NoFaceGate
     from conftest import write_imagefolder
 
     settings = Settings(model=str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path / "cache",
                         collection=write_imagefolder(tmp_path / "images", 4))
-    engine = Engine.open(settings, gate=NoFaceGate())
+    engine = open_engine(settings, gate=NoFaceGate())
     assert engine.embedder.backend == "onnx"
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported under the app's cache folder
     top = engine.search_image(str(tmp_path / "images" / "img001.jpg"), 1).items[0]

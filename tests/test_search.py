@@ -3,9 +3,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from dino_demo.index import Writer, load_index
+from dino_demo.index import load_index
+from dino_demo.index_writer import Writer
 from dino_demo.model import Features
-from dino_demo.search import SearchError, match_box, normalise_box, search_image, search_region, select_patches
+from dino_demo.geometry import Box, patches_in
+from dino_demo.search import MAX_RESULTS, SearchError, match_box, search_image, search_region
 
 GRID, DIM, COUNT = (4, 4), 16, 30
 MODEL = {"id": "tiny", "revision": None, "type": "vit", "input_size": 64, "patch_size": 16, "dim": DIM, "grid": list(GRID)}
@@ -65,7 +67,7 @@ def test_region_search_matches_brute_force(index, vectors):
     rng = np.random.default_rng(2)
     q_patches = unit(rng.standard_normal((16, DIM)))
     box = (0, 0, 32, 48)  # the left half, top three quarters of a 64x64 query: 2 x 3 patches
-    chosen = select_patches((64, 64), GRID, box)
+    chosen = patches_in(Box(*box), (64, 64), GRID)
     assert chosen.tolist() == [0, 1, 4, 5, 8, 9]
     hits = search_region(index, query(cls[0], q_patches), box, k=5)
     exact = exact_region_scores(patches, q_patches[chosen])
@@ -83,33 +85,20 @@ def test_region_of_an_indexed_image_finds_that_image_and_the_same_place(index, v
     assert hits[0].heat.shape == GRID and hits[0].heat.max() == pytest.approx(1, abs=1e-3)
 
 
-@pytest.mark.parametrize("box", [(10, 10, 10, 40), (200, 200, 300, 300), None, (1, 2, 3)])
-def test_boxes_without_area_in_the_image_are_refused(box):
-    with pytest.raises(SearchError):
-        normalise_box(box, (64, 64))
-
-
-def test_inverted_and_overflowing_boxes_are_ordered_and_clipped():
-    assert normalise_box((50, 60, 10, 5), (64, 64)) == (10, 5, 50, 60)
-    assert normalise_box((-20, 10, 100, 30), (64, 64)) == (0, 10, 64, 30)
-
-
-def test_a_box_smaller_than_a_patch_takes_the_patch_it_covers_most():
-    assert select_patches((64, 64), GRID, (20, 40, 22, 42)).tolist() == [9]
-
-
-@pytest.mark.parametrize("k", [0, -3])
-def test_k_below_one_is_refused(index, vectors, k):
+@pytest.mark.parametrize("k", [0, -3, MAX_RESULTS + 1, 2.5, "5", True])
+def test_k_outside_one_to_the_most_a_search_returns_is_refused(index, vectors, k):
     cls, patches = vectors
-    with pytest.raises(SearchError, match="at least 1"):
+    with pytest.raises(SearchError, match=f"between 1 and {MAX_RESULTS}"):
         search_image(index, query(cls[0], patches[0]), k=k)
+    with pytest.raises(SearchError, match=f"between 1 and {MAX_RESULTS}"):
+        search_region(index, query(cls[0], patches[0]), (0, 0, 64, 64), k=k)
 
 
-def test_a_huge_k_returns_every_image_once(index, vectors):
+def test_k_beyond_the_collection_returns_every_image_once(index, vectors):
     cls, patches = vectors
-    hits = search_image(index, query(cls[0], patches[0]), k=10**6)
+    hits = search_image(index, query(cls[0], patches[0]), k=MAX_RESULTS)
     assert sorted(h.id for h in hits) == list(range(COUNT))
-    region = search_region(index, query(cls[0], patches[0]), (0, 0, 64, 64), k=10**6)
+    region = search_region(index, query(cls[0], patches[0]), (0, 0, 64, 64), k=float(MAX_RESULTS))
     assert sorted(h.id for h in region) == list(range(COUNT))
 
 
