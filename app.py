@@ -47,14 +47,19 @@ def print_build_progress():
 
 
 def open_engine(settings: Settings, progress=None, gate=None):
-    """The model, then its index (a folder, hf://USER/REPO, or the bundled collection indexed once), as an Engine."""
+    """An Engine over the index the settings name (a folder or hf://USER/REPO) with the model it was built
+    with (unless --model says otherwise), or over the bundled collection, indexed once with the default."""
     from dino_demo.engine import Engine, load_embedder
-    from dino_demo.index import load_index
-    from index_builder.locate import locate_index
+    from dino_demo.index import load_index, read_manifest
+    from index_builder.locate import build_default_index, locate_index
 
-    embedder = load_embedder(settings)
-    folder = locate_index(settings.index, embedder, settings.cache_dir, settings.collection,
-                          skip_faces=settings.face_gate, progress=progress)
+    if settings.index is None:
+        embedder = load_embedder(settings)
+        folder = build_default_index(embedder, settings.cache_dir, settings.collection,
+                                     skip_faces=settings.face_gate, progress=progress)
+    else:
+        folder = locate_index(settings.index)
+        embedder = load_embedder(settings, read_manifest(folder)["model"])
     return Engine.from_settings(settings, embedder, load_index(folder, embedder.describe()), gate)
 
 

@@ -41,7 +41,8 @@ def setting(default: Any = None, help: str = "", env: str | None = None, *, choi
 class Settings:
     """Everything the app can be told; defaults suit a 2-core CPU box such as a free Space."""
 
-    model: str = setting(DEFAULT_MODEL, "hub id or local folder of the backbone", "DINO_MODEL")
+    model: str | None = setting(None, "hub id or local folder of the backbone", "DINO_MODEL",
+                                shown=f"the one the index was built with; {DEFAULT_MODEL} for the bundled collection")
     index: str | None = setting(None, "index folder or hf://USER/REPO", "DINO_INDEX",
                                 shown="unset: the bundled collection, indexed once")
     k: int = setting(8, "results shown by default", "DINO_K")
@@ -50,7 +51,7 @@ class Settings:
     backend: str = setting("auto", "how a CPU runs the model: auto (ONNX Runtime with int8 weights, else "
                            "torch), torch, onnx or onnx-int8", "DINO_BACKEND", choices=BACKENDS)
     input_size: int | None = setting(None, "model input side in pixels, a multiple of the patch size",
-                                     "DINO_INPUT_SIZE", shown="the model's own")
+                                     "DINO_INPUT_SIZE", shown="the index's; the model's own for the bundled collection")
     max_upload_bytes: int = setting(DEFAULT_MAX_BYTES, "largest accepted upload in bytes", "DINO_MAX_UPLOAD_BYTES",
                                     shown="25 MiB")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (width × height)",

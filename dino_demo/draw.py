@@ -15,6 +15,7 @@ Colour = tuple[int, int, int]
 BOX_COLOUR: Colour = (255, 214, 0)  # bright yellow, with a dark edge so it shows on any photo
 EDGE_COLOUR: Colour = (20, 20, 20)
 SUPERSAMPLE = 2
+MATCH_HEIGHT = 384  # the side-by-side patch-matching picture's height, at most
 
 
 def draw_box(
@@ -58,7 +59,7 @@ def draw_matches(
     img_b: Image.Image,
     matches: Matches,
     n: int = MATCH_LINES,
-    height: int = 384,
+    height: int = MATCH_HEIGHT,
     gap: int = 12,
     cmap: str = "turbo",
 ) -> Image.Image:

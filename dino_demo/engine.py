@@ -15,24 +15,34 @@ import numpy as np
 from PIL import Image
 
 from . import draw
+from .backbones import DEFAULT_MODEL
 from .config import Settings
+from .errors import UserError
 from .faces import FaceGate, NoFaceGate
 from .geometry import Box, fit_box
-from .images import ImageSource, load_image
+from .images import THUMB_SIDE, ImageSource, load_image
 from .index import Index
 from .matching import MATCH_LINES, Matches, match_patches
 from .model import Embedder, Features
 from .search import Hit, SearchError, check_k, search_image, search_region
 
 Progress = Callable[[float, str], None]  # (fraction done, what is happening now)
-THUMB_SIDE = 256  # pictures of results are drawn at the stored thumbnails' size
-MATCH_HEIGHT = 384  # height of the side-by-side patch-matching picture
 
 
-def load_embedder(settings: Settings) -> Embedder:
-    """The backbone the settings name, on their device and query backend."""
-    return Embedder(settings.model, device=settings.device, input_size=settings.input_size,
-                    backend=settings.backend, cache_dir=settings.cache_dir)
+def load_embedder(settings: Settings, built: dict | None = None) -> Embedder:
+    """The backbone the settings name or, unnamed, the one an index was `built` with (its manifest's
+    "model"), or the default; on the settings' device and query backend."""
+    from_index = built is not None and settings.model is None
+    model = built["id"] if from_index else settings.model or DEFAULT_MODEL
+    input_size = settings.input_size or (built["input_size"] if from_index else None)
+    try:
+        return Embedder(model, device=settings.device, input_size=input_size, backend=settings.backend,
+                        cache_dir=settings.cache_dir, revision=built.get("revision") if from_index else None)
+    except UserError as e:
+        if not from_index:
+            raise
+        raise type(e)(f"The index was built with {model}, which cannot be loaded here ({e}) "
+                      f"Pass --model with a copy of it (a hub id or a local folder).") from None
 
 
 @dataclass
@@ -201,7 +211,7 @@ class Engine:
         with timer.step("search"):
             matches = match_patches(a, b, box)
         with timer.step("draw"):
-            picture = draw.draw_matches(image_a, image_b, matches, n, height=min(MATCH_HEIGHT, max(image_a.height, image_b.height)))
+            picture = draw.draw_matches(image_a, image_b, matches, n, height=min(draw.MATCH_HEIGHT, max(image_a.height, image_b.height)))
         return MatchResult(picture, matches, min(int(n), len(matches)), timer.done())
 
     def result_image(self, image_id: int) -> Image.Image:

@@ -56,8 +56,8 @@ class MediaPipeDetector:
         return [(box, score) for box, score in confirmed if score > 0]
 
     def _confirm(self, image: Image.Image, box) -> float:
-        """Lowest score of both models for a face at the box, on crops 3 and 4 times its size: views alone
-        refused ~1 landscape in 8 (petals, bokeh); real faces pass this with >= 0.7, look-alikes don't."""
+        """Lowest score of both models for a face at the box, on crops 3 and 4 times its size: the views
+        alone refused some landscapes (petals, bokeh); real faces keep high scores up close, look-alikes don't."""
         side = max(4.0, box.width, box.height)
         cx, cy = box.centre
         scores = []

@@ -17,6 +17,7 @@ from .errors import UserError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 5,700 photo; larger is refused before decoding
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
+THUMB_SIDE = 256  # longer side of the thumbnails an index stores; result pictures are drawn at this size
 
 ImageSource = Union[bytes, bytearray, str, Path, np.ndarray, Image.Image, dict]
 

@@ -23,7 +23,6 @@ FORMAT_VERSION = 1
 MANIFEST, GLOBAL, PATCHES, META = "manifest.json", "global.faiss", "patches.faiss", "meta.parquet"
 CELLS = "patch_cells.npy"  # (count, slots) int16: the grid cell of each stored salient patch
 BUILD_DIR = "_build"
-THUMB_GROUP = 128  # rows per parquet row group: reading one thumbnail decodes only its group
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("source_row", pa.int64()), ("width", pa.int32()),
     ("height", pa.int32()), ("label", pa.string()), ("thumbnail", pa.binary()),
@@ -78,7 +77,7 @@ class Index:
 def load_index(path: str | Path, model: dict | None = None) -> Index:
     """Open an index folder, refusing one that is incomplete, damaged or made for another model."""
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     if model is not None:
         check_model(manifest, model, path)
     meta, thumbnails = _open_meta(path / META)
@@ -97,7 +96,8 @@ def load_index(path: str | Path, model: dict | None = None) -> Index:
     return Index(path, manifest, global_index, patch_index, meta, thumbnails, cells)
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
+    """The manifest of a finished index folder, refused with a clear message if missing, damaged or too new."""
     if not path.is_dir():
         raise IndexFolderError(f"No index folder at {path}. Build one with `python -m index_builder --out {path} ...`.")
     file = path / MANIFEST

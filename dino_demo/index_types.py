@@ -1,20 +1,19 @@
 """FAISS index types chosen by collection size, kept as data: a factory string and search parameters.
 
-The rule (also in the README, with the measurements behind it in benchmarks/RESULTS.md): up to
-`FLAT_MAX` vectors an index is exact (`Flat`, inner product). Beyond:
+The rule (also in the README, Scale): up to `FLAT_MAX` vectors an index is exact (`Flat`, inner
+product). Beyond:
 
 - CLS vectors (image search) go into an HNSW graph over 8-bit scalar codes (`HNSW32,SQ8`, built
-  with efConstruction 160): a graph finds neighbours that an inverted file scatters over many
-  lists (benchmarks/scale_global.py, synthetic vectors: recall@10 0.988 at 1.9 ms at 1M, against
-  0.933 at 6.5 ms for IVF-PQ probing an eighth of its lists).
+  with efConstruction `EF_CONSTRUCTION`): a graph finds neighbours that an inverted file scatters
+  over many lists. Measured against IVF-PQ in benchmarks/RESULTS.md, "Image search at 100k and 1M".
 - Patch vectors (region search, tens of slots per image) go into `IVF{nlist}_HNSW32,PQ{m}x8,Refine(SQ8)`:
   an inverted file of product-quantised codes finds candidates, and 8-bit codes of every vector
   re-score them. nlist ~ 4·sqrt(n) (a power of two), m = one byte per 12 dims, trained on a sample of
-  at most `TRAIN_MAX` vectors. A graph over every patch would need 256 B of links per vector in RAM.
+  at most `TRAIN_MAX` vectors. A graph over every patch would keep its links (32 per vector) in RAM.
 
 Under `COMPRESSED_MIN` vectors an index is always exact. Files are opened with IO_FLAG_MMAP_IFC, so
 codes and inverted lists stay on disk (only an HNSW graph's links are read into RAM) and only the
-pages a query touches are read.
+pages a query touches are read. Every figure behind these choices is in benchmarks/RESULTS.md, "Scale".
 """
 from __future__ import annotations
 
@@ -29,11 +28,11 @@ from .errors import UserError
 from .patch_select import PatchLayout
 
 INDEX_TYPES = ("auto", "flat", "compressed")
-# Exact search of one query costs ~3 ms per 10,000 vectors on a 2-core box: keep it to small sets.
+# Exact search time grows with the set (RESULTS.md, Scale): keep it to small sets.
 FLAT_MAX = {"global": 20_000, "patch": 50_000}
 COMPRESSED_MIN = 1_000  # fewer vectors cannot train a quantiser, and exact search of them is instant
 PATCH_DIMS_PER_BYTE = 12  # PQ code bytes of a patch vector: one per 12 dims (32 at 384 dims)
-EF_CONSTRUCTION = 160  # FAISS's default 40 built a 1M graph that found 0.83 of the top 10; 160: 0.988
+EF_CONSTRUCTION = 160  # FAISS's default (40) built a 1M graph with far lower recall (RESULTS.md, Scale)
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
 
@@ -57,8 +56,8 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
     if index_type == "flat" or count < COMPRESSED_MIN or (index_type == "auto" and count <= FLAT_MAX[kind]):
         return IndexSpec("Flat", "")
     if kind == "global":
-        # efSearch (graph nodes kept in view): 128 held recall@10 >= 0.99 up to 200k synthetic
-        # images; at 1M it gave 0.946, 256 gave 0.988 (benchmarks/RESULTS.md, Scale).
+        # efSearch (graph nodes kept in view): 128 holds recall up to 200k images and falls short at
+        # 1M, where 256 restores it (benchmarks/RESULTS.md, "Image search at 100k and 1M").
         return IndexSpec("HNSW32,SQ8", f"efSearch={128 if count <= 200_000 else 256}")
     nlist = _nlist(count)
     # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists

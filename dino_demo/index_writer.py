@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import atomic
-from .index import (BUILD_DIR, CELLS, FORMAT_VERSION, GLOBAL, MANIFEST, META, META_SCHEMA, PATCHES, THUMB_GROUP,
-                    IndexFolderError)
+from .index import BUILD_DIR, CELLS, FORMAT_VERSION, GLOBAL, MANIFEST, META, META_SCHEMA, PATCHES, IndexFolderError
 from .index_types import IndexSpec, build_faiss, choose_spec, train_size
 from .patch_select import layout_of, reduce_patches
+
+THUMB_GROUP = 128  # rows per parquet row group: reading one thumbnail decodes only its group
 
 
 @dataclass

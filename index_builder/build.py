@@ -18,7 +18,7 @@ import numpy as np
 
 from dino_demo.config import setting
 from dino_demo.faces import FaceGate
-from dino_demo.images import DEFAULT_MAX_PIXELS, ImageError, load_image, make_thumbnail
+from dino_demo.images import DEFAULT_MAX_PIXELS, THUMB_SIDE, ImageError, load_image, make_thumbnail
 from dino_demo.index_types import INDEX_TYPES, choose_layout
 from dino_demo.index_writer import Writer
 from dino_demo.model import Embedder, prepare_image
@@ -42,7 +42,7 @@ class BuildOptions:
     workers: int = setting(help="image-decoding processes (0: decode in the main process)", minimum=0,
                            factory=default_workers, shown="one per core but one")
     chunk_size: int = setting(1024, "images per resumable chunk: a kill loses at most this much work")
-    thumb_size: int = setting(256, "longer side of stored thumbnails in pixels (0: none)", minimum=0)
+    thumb_size: int = setting(THUMB_SIDE, "longer side of stored thumbnails in pixels (0: none)", minimum=0)
     skip_faces: bool = setting(True, "leave out photos of people, and count them")
     limit: int | None = setting(None, "index at most the first N rows", shown="every row")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "skip images larger than this many pixels", shown="40 million")

@@ -19,11 +19,9 @@ HUB_PREFIX = "hf://"
 BuildProgress = Callable[[int, int], None]  # (images done, images in all)
 
 
-def locate_index(location: str | None, embedder: Embedder, cache_dir: Path, collection: Path,
-                 skip_faces: bool = True, progress: BuildProgress | None = None) -> Path:
-    """The index folder for `location`: a folder, hf://USER/REPO, or None: the bundled collection."""
-    if location is None:
-        return build_default_index(embedder, cache_dir, collection, skip_faces, progress)
+def locate_index(location: str) -> Path:
+    """The index folder `location` names: a folder, or hf://USER/REPO (downloaded once, then cached).
+    With no location the app serves the bundled collection: `build_default_index`."""
     if location.startswith(HUB_PREFIX):
         return download_index(location[len(HUB_PREFIX):])
     return Path(location).expanduser()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from dino_demo.errors import HubUnreachable, UserError
+from dino_demo.errors import HubUnreachable, UserError, first_line
 from dino_demo.hub import hub_reachable
 
 LABEL_CANDIDATES = ("label", "labels", "caption", "text", "class", "name", "title")
@@ -121,10 +121,10 @@ def _load(dataset: str, split: str, streaming: bool):
         return datasets.load_dataset(*args, split=split, streaming=streaming, **kwargs)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise SourceError(f"{dataset} has no split '{split}' ({_first_line(e)}); pass --split.") from None
-        raise SourceError(f"Cannot open {dataset}: {_first_line(e)}") from None
+            raise SourceError(f"{dataset} has no split '{split}' ({first_line(e)}); pass --split.") from None
+        raise SourceError(f"Cannot open {dataset}: {first_line(e)}") from None
     except (OSError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise SourceError(f"Cannot open {dataset}: {_first_line(e)}") from None
+        raise SourceError(f"Cannot open {dataset}: {first_line(e)}") from None
 
 
 @contextmanager
@@ -150,8 +150,3 @@ def _find_image_column(features, dataset: str) -> str:
         if name in features:
             return name
     raise SourceError(f"{dataset} has no image column among {list(features)}; pass --image-column.")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -51,3 +51,58 @@ def test_open_engine_builds_the_default_index_then_serves_it(tmp_path, tiny_vit,
     second = open_engine(settings, progress=lambda d, t: built.append(d))
     assert built == [] and second.index.count == 12
     assert second.search_image(str(image_folder / "img000.jpg"), 1).items[0].label == "picture 0"
+
+
+@pytest.fixture(scope="module")
+def dinov2_index(tmp_path_factory, tiny_dinov2):
+    """An index built with the tiny DINOv2 at 112 px (not its own 56): the app must take both from the manifest."""
+    from conftest import write_imagefolder
+    from dino_demo.model import Embedder
+    from index_builder.build import BuildOptions, build_index
+    from index_builder.source import open_source
+
+    folder = write_imagefolder(tmp_path_factory.mktemp("collection") / "images", 5)
+    out = tmp_path_factory.mktemp("indexes") / "dinov2"
+    build_index(open_source(str(folder)), Embedder(str(tiny_dinov2), device="cpu", input_size=112), str(out),
+                BuildOptions(workers=0, skip_faces=False))
+    return out, folder
+
+
+def test_an_index_is_served_with_the_model_and_input_size_it_was_built_with(dinov2_index, tiny_dinov2, tmp_path):
+    out, folder = dinov2_index
+    engine = open_engine(Settings(index=str(out), device="cpu", cache_dir=tmp_path, face_gate=False))
+    assert engine.embedder.model_id == str(tiny_dinov2) and engine.embedder.input_size == 112
+    assert engine.search_image(str(folder / "img002.jpg"), 1).items[0].label == "picture 2"
+
+
+def test_a_hub_index_is_served_with_its_own_model_too(dinov2_index, tiny_dinov2, tmp_path, monkeypatch):
+    from index_builder import locate
+
+    out, _ = dinov2_index
+    monkeypatch.setattr(locate, "download_index", lambda repo: out if repo == "someone/dinov2-index" else None)
+    engine = open_engine(Settings(index="hf://someone/dinov2-index", device="cpu", cache_dir=tmp_path, face_gate=False))
+    assert engine.embedder.model_id == str(tiny_dinov2) and engine.index.count == 5
+
+
+def test_a_model_given_that_differs_from_the_index_is_refused(dinov2_index, tiny_vit, tmp_path):
+    from dino_demo.index import IndexFolderError
+
+    out, _ = dinov2_index
+    with pytest.raises(IndexFolderError, match=f"built with {out.parent}|built with .*tiny-dinov2.*--model"):
+        open_engine(Settings(model=str(tiny_vit), index=str(out), device="cpu", cache_dir=tmp_path, face_gate=False))
+
+
+def test_an_index_whose_model_cannot_be_found_says_so_and_how_to_point_at_one(dinov2_index, tmp_path):
+    import json
+    import shutil
+
+    from dino_demo.errors import UserError
+
+    out = shutil.copytree(dinov2_index[0], tmp_path / "moved")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["model"]["id"] = str(tmp_path / "gone" / "tiny-dinov2")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError) as caught:
+        open_engine(Settings(index=str(out), device="cpu", cache_dir=tmp_path, face_gate=False))
+    message = str(caught.value)
+    assert "\n" not in message and "The index was built with" in message and "--model" in message

@@ -15,7 +15,7 @@ def test_default_collection_is_built_once_then_reused(tmp_path, embedder, image_
     assert out == default_index_dir(tmp_path, embedder.model_id, embedder.input_size)
     manifest = (out / MANIFEST).read_bytes()
     calls.clear()
-    again = locate_index(None, embedder, tmp_path, image_folder, skip_faces=False, progress=lambda d, t: calls.append((d, t)))
+    again = build_default_index(embedder, tmp_path, image_folder, skip_faces=False, progress=lambda d, t: calls.append((d, t)))
     assert again == out and calls == [] and (out / MANIFEST).read_bytes() == manifest
 
 
@@ -24,7 +24,7 @@ def test_an_index_folder_is_located_as_given_and_checked_against_the_model_when_
     from dino_demo.model import Embedder
 
     built = build_default_index(embedder, tmp_path / "cache", image_folder, skip_faces=False)
-    assert locate_index(str(built), embedder, tmp_path, tmp_path) == built
+    assert locate_index(str(built)) == built
     assert load_index(built, embedder.describe()).count == 12
     with pytest.raises(IndexFolderError, match="does not match"):
         load_index(built, Embedder(str(tiny_dinov2), device="cpu").describe())
@@ -36,12 +36,12 @@ def test_hub_index_offline_fails_in_one_clear_line(monkeypatch, embedder, tmp_pa
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(HubUnreachable) as caught:
-        locate_index("hf://someone/no-such-index", embedder, tmp_path, tmp_path)
+        locate_index("hf://someone/no-such-index")
     message = str(caught.value)
     assert "\n" not in message
     assert "someone/no-such-index" in message and "--index" in message
     with pytest.raises(UserError, match="hf://USER/REPO"):
-        locate_index("hf://not-a-repo-id", embedder, tmp_path, tmp_path)
+        locate_index("hf://not-a-repo-id")
 
 
 def test_upload_index_offline_fails_in_one_clear_line(monkeypatch, tmp_path, embedder, image_folder):
