@@ -4,7 +4,7 @@
 
 The collection: the photos of assets/collection (the originals) and generated 640x480
 distractors. Both indexes are built with `python -m index_builder` (`--index-type flat` and
-`compressed`), then `python -m index_builder.eval --protocol copies` copies every original with
+`compressed`), then `python -m evaluation --protocol copies` copies every original with
 each transform and searches both. The default model is the random-weight ViT-S/16 of
 benchmarks/vits16.py (runs offline): its figures show what compression changes, not what DINO
 achieves; pass `--model facebook/dino-vits16` for that.
@@ -57,7 +57,7 @@ def main() -> int:
                            cwd=ROOT, check=True)
             indexes.append(str(out))
         print(f"{originals} originals, {args.distractors} distractors, model {args.model or 'random ViT-S/16'}", flush=True)
-        return subprocess.run([sys.executable, "-m", "index_builder.eval", "--index", *indexes, "--queries",
+        return subprocess.run([sys.executable, "-m", "evaluation", "--index", *indexes, "--queries",
                                str(tmp / "collection"), "--protocol", "copies", "--synthetic", str(originals),
                                "--device", args.device, "--out", str(Path(args.out).resolve())], cwd=ROOT).returncode
 

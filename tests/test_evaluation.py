@@ -1,109 +1,256 @@
-"""Metric code against hand-computed values and a line-by-line port of revisitop's compute_map."""
-import math
+"""`python -m evaluation` on tiny models: the synthetic copy-detection suite, and each
+protocol's figures against a brute-force ranking computed here."""
+import json
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dino_demo.evaluation import (RevisitedTruth, average_precision, positive_ranks, precision_at,
-                                  revisited_ap, revisited_map, summarise)
+from conftest import ROOT, make_image
+from dino_demo.images import load_image
+from dino_demo.index import load_index
+from dino_demo.search import MAX_RESULTS, search_region
+from evaluation.__main__ import main
+from evaluation.copies import TRANSFORMS, make_copies
+from evaluation.metrics import RevisitedTruth, revisited_map, summarise
+from evaluation.sets import load_copies
+from index_builder.build import BuildOptions, build_index
+from index_builder.eval import NOTE
+from index_builder.source import open_source
 
 
-def test_plain_ap_is_mean_precision_at_each_positive():
-    # positives at ranks 2 and 4: precision 1/2 and 2/4
-    assert average_precision([5, 1, 7, 2, 9], {1, 2}) == pytest.approx(0.5)
-    assert average_precision([1, 2, 3], {1, 2}) == pytest.approx(1.0)
-    assert average_precision([3, 1], {1}) == pytest.approx(0.5)
+def build(folder: Path, embedder, out: Path, index_type: str = "flat"):
+    options = BuildOptions(workers=0, skip_faces=False, index_type=index_type)
+    build_index(open_source(str(folder)), embedder, str(out), options)
+    return load_index(out, embedder.describe())
 
 
-def test_plain_ap_counts_an_unranked_positive_as_zero():
-    assert average_precision([1, 3], {1, 8}) == pytest.approx(0.5)
-    assert average_precision([3, 4], {8}) == 0.0
+def run_eval(tmp_path, *args) -> dict:
+    out = tmp_path / "figures.json"
+    assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
+    return json.loads(out.read_text())
 
 
-def test_revisited_ap_is_the_trapezoid_rule():
-    assert revisited_ap(np.array([0]), 1) == pytest.approx(1.0)
-    # one positive at rank 1 (0-based): precision 0 before it, 1/2 at it
-    assert revisited_ap(np.array([1]), 1) == pytest.approx(0.25)
-    # positives at 0 and 2: (1 + 1)/2 and (1/2 + 2/3)/2, over 2 positives
-    assert revisited_ap(np.array([0, 2]), 2) == pytest.approx((1 + (0.5 + 2 / 3) / 2) / 2)
-    # two of three positives found
-    assert revisited_ap(np.array([0, 1]), 3) == pytest.approx(2 / 3)
+def figures(report: dict, search: str, index: str | None = None) -> dict:
+    return next(r["metrics"] for r in report["results"] if r["search"] == search and (index is None or r["index"] == index))
 
 
-def test_junk_is_taken_out_of_the_ranking():
-    assert positive_ranks([10, 20, 30, 40], {30}, junk={10, 20}).tolist() == [0]
-    assert positive_ranks([10, 20, 30, 40], {30, 40}, junk={20}).tolist() == [1, 2]
-    assert revisited_ap(positive_ranks([10, 20, 30], {30}, junk={10, 20}), 1) == pytest.approx(1.0)
-    assert revisited_ap(positive_ranks([10, 20, 30], {30}), 1) == pytest.approx(1 / 6)
+def brute_force_rows(index, embedder, image) -> list[int]:
+    """Source rows of all indexed images, most similar CLS first, by numpy."""
+    stored = index.global_index.reconstruct_n(0, index.count)
+    order = np.argsort(-(stored @ embedder.embed([image]).cls[0]), kind="stable")
+    return index.meta.column("source_row").to_numpy()[order].tolist()
 
 
-def test_medium_counts_easy_and_hard_hard_ignores_easy():
-    truth = RevisitedTruth(easy=[1], hard=[2], junk=[3])
-    result = revisited_map([[3, 1, 4, 2]], [truth])
-    # medium: junk 3 removed -> [1, 4, 2], positives at 0 and 2
-    assert result["medium"].map == pytest.approx((1 + (0.5 + 2 / 3) / 2) / 2)
-    # hard: 3 and easy 1 removed -> [4, 2], the positive at 1
-    assert result["hard"].map == pytest.approx(0.25)
+@pytest.fixture(scope="module")
+def copy_suite(tmp_path_factory, embedder):
+    """70 generated photos (the first ones are the originals, the rest distractors), indexed
+    exactly and compressed (enough patches for an IVF-PQ patch index; the global one stays exact)."""
+    folder = tmp_path_factory.mktemp("copies") / "images"
+    folder.mkdir()
+    for i in range(70):
+        make_image(i, ((160, 120), (120, 160), (140, 140))[i % 3]).save(folder / f"img{i:03d}.png")
+    root = folder.parent
+    return folder, build(folder, embedder, root / "exact"), build(folder, embedder, root / "compressed", "compressed")
 
 
-def test_queries_without_positives_are_left_out_of_the_mean():
-    truths = [RevisitedTruth(easy=[1], hard=[], junk=[]), RevisitedTruth(easy=[], hard=[2], junk=[])]
-    result = revisited_map([[1, 2], [1, 2]], truths)
-    assert result["hard"].queries == 1 and result["hard"].map == pytest.approx(0.25)
-    assert math.isnan(result["hard"].aps[0])
-    assert result["medium"].queries == 2
-    assert result["medium"].map == pytest.approx((1.0 + 0.25) / 2)
+def test_synthetic_copy_suite_finds_every_original_at_rank_one_from_its_exact_copy(copy_suite, tmp_path, capsys):
+    folder, exact, compressed = copy_suite
+    report = run_eval(tmp_path, "--index", str(exact.path), str(compressed.path), "--queries", str(folder),
+                      "--protocol", "copies", "--synthetic", "8")
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["index", "factories", "search", "set", "queries", "mAP", "P@1"]
+    exact_rows = [line.split() for line in table if " exact " in line]
+    assert len(table) == 1 + 2 * 2 * (1 + len(TRANSFORMS)) and len(exact_rows) == 4
+    assert all(row[-2:] == ["100.0", "100.0"] for row in exact_rows)
+    assert report["query_count"] == 8 * len(TRANSFORMS)
+    assert len(report["results"]) == 4  # exact and compressed x image and region search
+    for result in report["results"]:
+        metrics = result["metrics"]
+        assert set(metrics) == {"all", *TRANSFORMS}
+        assert metrics["exact"]["map"] == pytest.approx(1.0) and metrics["exact"]["queries"] == 8
+        assert metrics["exact"]["precision"]["1"] == pytest.approx(1.0)
+        assert all(0.0 <= m["map"] <= 1.0 and m["queries"] == 8 for name, m in metrics.items() if name != "all")
+    factories = {r["index"]: r["factories"]["patch"] for r in report["results"]}
+    assert factories[str(exact.path)] == "Flat" and factories[str(compressed.path)].startswith("IVF")
 
 
-def test_precision_at_k_and_summary():
-    assert precision_at([1, 2, 3, 4, 5], {2, 5, 9}, 5) == pytest.approx(0.4)
-    assert precision_at([2], {2}, 5) == pytest.approx(0.2)  # a short ranking still divides by k
-    s = summarise([[1, 2, 3], [4, 5, 6], [7]], [{1}, {6}, set()], ks=(1, 3))
-    assert s.queries == 2
-    assert s.map == pytest.approx((1 + 1 / 3) / 2)
-    assert s.precision == {1: pytest.approx(0.5), 3: pytest.approx(1 / 3)}
+def test_copy_detection_map_matches_brute_force(copy_suite, tmp_path, embedder):
+    folder, index, _ = copy_suite
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(folder), "--protocol", "copies",
+                      "--synthetic", "3", "--transforms", "crop,jpeg", "--searches", "image", "--seed", "9")
+    eval_set = load_copies(str(folder), "train", set(range(70)), 3, ["crop", "jpeg"], 9)
+    rankings = [brute_force_rows(index, embedder, image) for image in eval_set.images()]
+    expected = summarise(rankings, [{q.truth} for q in eval_set.queries])
+    assert [q.truth for q in eval_set.queries] == [0, 0, 1, 1, 2, 2]
+    assert figures(report, "image")["all"]["map"] == pytest.approx(expected.map, abs=1e-6)
 
 
-def revisitop_compute_map(ranks, gnd):
-    """revisitop's compute_map / compute_ap (Radenovic et al., 2018), ported line by line."""
-    aps = []
-    for i in range(len(gnd)):
-        qgnd = np.array(gnd[i]["ok"])
-        if qgnd.shape[0] == 0:
-            continue
-        qgndj = np.array(gnd[i]["junk"])
-        pos = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgnd)]
-        junk = np.arange(ranks.shape[0])[np.isin(ranks[:, i], qgndj)]
-        k, ij = 0, 0
-        if len(junk):
-            ip = 0
-            while ip < len(pos):
-                while ij < len(junk) and pos[ip] > junk[ij]:
-                    k += 1
-                    ij += 1
-                pos[ip] = pos[ip] - k
-                ip += 1
-        ap, recall_step = 0.0, 1.0 / len(qgnd)
-        for j in range(len(pos)):
-            rank = pos[j]
-            precision_0 = 1.0 if rank == 0 else float(j) / rank
-            precision_1 = float(j + 1) / (rank + 1)
-            ap += (precision_0 + precision_1) * recall_step / 2.0
-        aps.append(ap)
-    return float(np.mean(aps))
+def test_copies_made_elsewhere_are_scored_against_their_original(copy_suite, tmp_path, embedder):
+    folder, index, _ = copy_suite
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    made = [(5, "exact"), (9, "jpeg"), (12, "crop"), (20, "exact")]
+    lines = []
+    for n, (row, transform) in enumerate(made):
+        make_copies(load_image(folder / f"img{row:03d}.png"), n, [transform])[0].image.save(copies / f"c{n}.png")
+        lines.append(json.dumps({"file_name": f"c{n}.png", "original": row, "kind": transform}))
+    (copies / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(copies), "--protocol", "copies",
+                      "--original-column", "original", "--group-column", "kind", "--searches", "image")
+    got = figures(report, "image")
+    assert set(got) == {"all", "exact", "jpeg", "crop"} and got["exact"]["queries"] == 2
+    assert got["exact"]["map"] == pytest.approx(1.0)
+    rankings = [brute_force_rows(index, embedder, load_image(copies / f"c{n}.png")) for n in range(4)]
+    expected = summarise(rankings, [{row} for row, _ in made])
+    assert got["all"]["map"] == pytest.approx(expected.map, abs=1e-6)
 
 
-def test_revisited_map_matches_revisitop_on_random_rankings():
-    rng = np.random.default_rng(3)
-    n, nq = 60, 25
-    ranks = np.stack([rng.permutation(n) for _ in range(nq)], axis=1)  # (n, nq) as revisitop holds them
-    truths = []
-    for _ in range(nq):
-        items = rng.permutation(n)
-        e, h, j = rng.integers(0, 6, 3)
-        truths.append(RevisitedTruth(items[:e].tolist(), items[e:e + h].tolist(), items[e + h:e + h + j].tolist()))
-    ours = revisited_map([ranks[:, i].tolist() for i in range(nq)], truths)
-    medium = [{"ok": t.easy + t.hard, "junk": t.junk} for t in truths]
-    hard = [{"ok": t.hard, "junk": t.junk + t.easy} for t in truths]
-    assert ours["medium"].map == pytest.approx(revisitop_compute_map(ranks, medium))
-    assert ours["hard"].map == pytest.approx(revisitop_compute_map(ranks, hard))
+def test_labels_leave_one_out_matches_brute_force(tmp_path, embedder):
+    folder = tmp_path / "labelled"
+    folder.mkdir()
+    lines = ["file_name,label"]
+    for i in range(15):
+        make_image(i, (96, 72)).save(folder / f"img{i:02d}.png")
+        lines.append(f"img{i:02d}.png,class {i % 4}")
+    (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
+    index = build(folder, embedder, tmp_path / "idx")
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(folder), "--protocol", "labels",
+                      "--leave-one-out")
+    labels = [f"class {i % 4}" for i in range(15)]
+    rankings, positives = [], []
+    for row in range(15):
+        ranking = brute_force_rows(index, embedder, load_image(folder / f"img{row:02d}.png"))
+        rankings.append([r for r in ranking if r != row])
+        positives.append({r for r in range(15) if labels[r] == labels[row] and r != row})
+    expected = summarise(rankings, positives, ks=(1, 5, 10))
+    got = figures(report, "image")["all"]
+    assert got["queries"] == 15
+    assert got["map"] == pytest.approx(expected.map, abs=1e-6)
+    assert [got["precision"][str(k)] for k in (1, 5, 10)] == pytest.approx([expected.precision[k] for k in (1, 5, 10)])
+    assert 0 <= figures(report, "region")["all"]["map"] <= 1
+
+
+@pytest.fixture
+def revisited(tmp_path, embedder):
+    """A ground truth in gnd_roxford5k.pkl's format: 20 database images listed in shuffled order,
+    4 query images that sit in jpg/ too (as in the real data) but not in imlist."""
+    rng = np.random.default_rng(0)
+    jpg = tmp_path / "rtest" / "jpg"
+    jpg.mkdir(parents=True)
+    db = [f"db_{i:02d}" for i in range(20)]
+    for i, name in enumerate(db):
+        make_image(200 + i, (96, 72)).save(jpg / f"{name}.jpg", quality=95)
+    queries = [f"q_{j}" for j in range(4)]
+    for j, name in enumerate(queries):
+        make_image(200 + 3 * j, (96, 72)).save(jpg / f"{name}.jpg", quality=80)  # a copy of db image 3j
+    imlist = [db[i] for i in rng.permutation(20)]
+    gnd = []
+    for j in range(4):
+        items = rng.permutation(20).tolist()
+        gnd.append({"bbx": [0.0, 0.0, 40.0, 30.0], "easy": items[:3], "hard": items[3:5], "junk": items[5:7]})
+    gnd[3]["hard"] = []  # a query with no hard positive is left out of Hard, as revisitop does
+    with open(tmp_path / "rtest" / "gnd_rtest.pkl", "wb") as f:
+        pickle.dump({"imlist": imlist, "qimlist": queries, "gnd": gnd}, f)
+    index = build(jpg, embedder, tmp_path / "ridx")
+    return tmp_path / "rtest", index, imlist, queries, gnd
+
+
+def test_revisited_protocol_matches_brute_force_with_the_query_box(revisited, tmp_path, embedder):
+    root, index, imlist, queries, gnd = revisited
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(root))  # protocol found from gnd_*.pkl
+    assert report["protocol"] == "revisited" and report["query_count"] == 4
+    position = {name: i for i, name in enumerate(imlist)}
+    name_of_row = {row.index: Path(row.image["path"]).stem for row in open_source(str(root / "jpg")).rows()}
+    truths = [RevisitedTruth(g["easy"], g["hard"], g["junk"]) for g in gnd]
+
+    def as_items(rows):  # the query images are indexed too but are not in the protocol's database
+        return [position[name_of_row[r]] for r in rows if name_of_row[r] in position]
+
+    images = [load_image(root / "jpg" / f"{q}.jpg") for q in queries]
+    by_image = [as_items(brute_force_rows(index, embedder, im)) for im in images]
+    by_region = []
+    for image in images:
+        hits = search_region(index, embedder.embed([image]), (0, 0, 40, 30), k=1000)
+        by_region.append(as_items([index.row(h.id)["source_row"] for h in hits]))
+    for search, rankings in (("image", by_image), ("region", by_region)):
+        expected, got = revisited_map(rankings, truths), figures(report, search)
+        assert got["medium"]["map"] == pytest.approx(expected["medium"].map, abs=1e-6)
+        assert got["hard"]["map"] == pytest.approx(expected["hard"].map, abs=1e-6)
+        assert got["medium"]["queries"] == 4 and got["hard"]["queries"] == 3
+        assert got["hard"]["aps"][3] is None  # no hard positive: left out, not scored 0
+        assert got["hard"]["aps"][:3] == pytest.approx(expected["hard"].aps[:3])
+    assert report["notes"][0].startswith("20 images of the ground truth's database found")
+
+
+def test_revisited_ground_truth_from_a_collection_indexes_rows(tmp_path, embedder):
+    """A datasets collection of queries with bbx/easy/hard/junk columns, indices being source rows."""
+    db, queries = tmp_path / "db", tmp_path / "queries"
+    db.mkdir(), queries.mkdir()
+    for i in range(12):
+        make_image(300 + i, (96, 72)).save(db / f"img{i:02d}.png")
+    truths, lines = [], []
+    for j in range(3):
+        make_image(300 + 4 * j, (96, 72)).save(queries / f"q{j}.jpg", quality=70)
+        truth = RevisitedTruth(easy=[4 * j, (4 * j + 5) % 12], hard=[(4 * j + 7) % 12], junk=[(4 * j + 1) % 12])
+        truths.append(truth)
+        lines.append(json.dumps({"file_name": f"q{j}.jpg", "bbx": [10, 10, 80, 60], "easy": truth.easy,
+                                 "hard": truth.hard, "junk": truth.junk}))
+    (queries / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    index = build(db, embedder, tmp_path / "idx")
+    report = run_eval(tmp_path, "--index", str(index.path), "--queries", str(queries), "--protocol", "revisited",
+                      "--searches", "image")
+    rankings = [brute_force_rows(index, embedder, load_image(queries / f"q{j}.jpg")) for j in range(3)]
+    expected = revisited_map(rankings, truths)
+    got = figures(report, "image")
+    assert got["medium"]["map"] == pytest.approx(expected["medium"].map, abs=1e-6)
+    assert got["hard"]["map"] == pytest.approx(expected["hard"].map, abs=1e-6)
+
+
+def test_revisited_without_ground_truth_says_what_to_give(tmp_path, embedder, capsys, copy_suite):
+    folder, index, _ = copy_suite
+    code = main(["--index", str(index.path), "--queries", str(folder), "--protocol", "revisited",
+                 "--out", str(tmp_path / "x.json"), "--device", "cpu"])
+    assert code == 2
+    assert "gnd_roxford5k.pkl" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("depth", ["0", str(MAX_RESULTS + 1)])
+def test_depth_beyond_what_one_search_returns_is_refused_in_one_line(copy_suite, tmp_path, capsys, depth):
+    _, index, _ = copy_suite
+    out = tmp_path / "x.json"
+    code = main(["--index", str(index.path), "--queries", "nowhere", "--depth", depth, "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"error: --depth must be between 1 and {MAX_RESULTS}, the most results one search returns (got {depth})."]
+    assert not out.exists()
+
+
+def test_old_command_prints_a_note_and_gives_the_same_figures(copy_suite, tmp_path):
+    """`python -m index_builder.eval` still runs the job, as `python -m evaluation` does, with a note on stderr."""
+    folder, index, _ = copy_suite
+    args = ["--index", str(index.path), "--queries", str(folder), "--protocol", "copies", "--synthetic", "2",
+            "--transforms", "exact,jpeg", "--searches", "image", "--device", "cpu"]
+    modules = ("evaluation", "index_builder.eval")
+    started = [subprocess.Popen([sys.executable, "-m", module, *args, "--out", str(tmp_path / f"{module}.json")],
+                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for module in modules]  # side by side: each spends seconds importing
+    (new_out, new_err), (old_out, old_err) = [process.communicate(timeout=300) for process in started]
+    assert [process.returncode for process in started] == [0, 0], new_err + old_err
+    new_figures, old_figures = (json.loads((tmp_path / f"{module}.json").read_text()) for module in modules)
+    assert old_err.splitlines()[0] == NOTE and NOTE not in new_err
+    assert old_out == new_out and "exact" in new_out
+    assert old_figures == new_figures
+
+
+def test_only_the_old_command_reaches_into_evaluation():
+    """Evaluating is not building: the app and the builder stand without it (the shim aside)."""
+    importers = sorted(path.relative_to(ROOT).as_posix() for package in ("dino_demo", "index_builder")
+                       for path in (ROOT / package).rglob("*.py")
+                       if re.search(r"^\s*(from|import)\s+evaluation\b", path.read_text(), re.M))
+    assert importers == ["index_builder/eval.py"]

@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from dino_demo.geometry import Box
+
 Ranking = Sequence[int]  # item ids, most similar first
 
 
@@ -22,7 +24,7 @@ class RevisitedTruth:
     easy: list[int]
     hard: list[int]
     junk: list[int]
-    box: tuple[float, float, float, float] | None = None  # (x0, y0, x1, y1) in the query's pixels
+    box: Box | None = None  # in the query's pixels
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Query sets for `python -m index_builder.eval`: the queries of a protocol and how to score them.
+"""Query sets for `python -m evaluation`: the queries of a protocol and how to score them.
 
 Rankings reach `score` as the *source rows* of the hits (`meta.parquet`'s source_row), so one
 set scores any index built from the same collection, exact or compressed.
@@ -15,13 +15,13 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from dino_demo.evaluation import RevisitedTruth, Summary, revisited_map, summarise
+from dino_demo.geometry import Box
 from dino_demo.images import load_image
 from dino_demo.index import Index
-from dino_demo.search import Box
+from index_builder.source import SourceError, open_source
 
 from .copies import TRANSFORMS, make_copies
-from .source import SourceError, open_source
+from .metrics import RevisitedTruth, Summary, revisited_map, summarise
 
 PRECISION_KS = (1, 5, 10)
 
@@ -53,8 +53,9 @@ class EvalSet:
 
 
 def centre_box(size: tuple[int, int]) -> Box:
+    """The middle half of each side: the region search of queries that come without a box."""
     w, h = size
-    return (w / 4, h / 4, 3 * w / 4, 3 * h / 4)
+    return Box(w / 4, h / 4, 3 * w / 4, 3 * h / 4)
 
 
 # --- revisited Oxford / Paris ---------------------------------------------------------------------
@@ -121,7 +122,7 @@ def _truth(g: dict) -> RevisitedTruth:
 
 
 def _box(bbx) -> Box | None:
-    return None if bbx is None else tuple(float(v) for v in bbx)
+    return None if bbx is None else Box(*(float(v) for v in bbx))
 
 
 # --- copy detection -------------------------------------------------------------------------------
