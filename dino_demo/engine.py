@@ -15,9 +15,7 @@ import numpy as np
 from PIL import Image
 
 from . import draw
-from .backbones import DEFAULT_MODEL
 from .config import Settings
-from .errors import UserError
 from .faces import FaceGate, NoFaceGate
 from .geometry import Box, fit_box
 from .images import THUMB_SIDE, ImageSource, load_image
@@ -30,19 +28,10 @@ Progress = Callable[[float, str], None]  # (fraction done, what is happening now
 
 
 def load_embedder(settings: Settings, built: dict | None = None) -> Embedder:
-    """The backbone the settings name or, unnamed, the one an index was `built` with (its manifest's
-    "model"), or the default; on the settings' device and query backend."""
-    from_index = built is not None and settings.model is None
-    model = built["id"] if from_index else settings.model or DEFAULT_MODEL
-    input_size = settings.input_size or (built["input_size"] if from_index else None)
-    try:
-        return Embedder(model, device=settings.device, input_size=input_size, backend=settings.backend,
-                        cache_dir=settings.cache_dir, revision=built.get("revision") if from_index else None)
-    except UserError as e:
-        if not from_index:
-            raise
-        raise type(e)(f"The index was built with {model}, which cannot be loaded here ({e}) "
-                      f"Pass --model with a copy of it (a hub id or a local folder).") from None
+    """The backbone the settings name or, unnamed, the one an index was `built` with (Embedder.for_index),
+    on the settings' device and query backend."""
+    return Embedder.for_index(built, settings.model, settings.input_size, device=settings.device,
+                              backend=settings.backend, cache_dir=settings.cache_dir)
 
 
 @dataclass

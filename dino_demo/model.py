@@ -156,6 +156,20 @@ class Embedder:
                 log.warning("%s; using %s instead.", e, fallback)
         return None
 
+    @classmethod
+    def for_index(cls, built: dict | None, model: str | None = None, input_size: int | None = None,
+                  **options) -> "Embedder":
+        """The backbone to search an index with: `model` if given, else the one the index was `built`
+        with (its manifest's "model": id, revision, input size), else the default."""
+        if model is not None or built is None:
+            return cls(model or DEFAULT_MODEL, input_size=input_size, **options)
+        try:
+            return cls(built["id"], input_size=input_size or built["input_size"], revision=built.get("revision"),
+                       **options)
+        except UserError as e:
+            raise type(e)(f"The index was built with {built['id']}, which cannot be loaded here ({e}) "
+                          "Pass --model with a copy of it (a hub id or a local folder).") from None
+
     @property
     def patches_per_image(self) -> int:
         return self.grid[0] * self.grid[1]

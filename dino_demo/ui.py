@@ -6,7 +6,8 @@ a box is one gesture, maps exactly onto whole patches of the grid, and is what c
 
 Events run with preprocess=False: the handlers get the uploaded file's path undecoded, so
 `images.load_image` (size limits, clear errors) is the only decoder, and the engine's face gate
-sees every image. Layout: handlers first, then the Blocks layout, then the wiring.
+sees every image. Layout: payload helpers and the `Handlers` (callable without building the page)
+first, then one function per tab that lays it out and wires its own events, then `build_ui`.
 
 API (gradio_client, see README):
   /search_image   (image, k)                              -> (gallery, json)
@@ -19,16 +20,19 @@ from __future__ import annotations
 import base64
 import functools
 from pathlib import Path
+from typing import Any, Callable
 
 import gradio as gr
 from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
 
-from .config import Settings
-from .engine import Engine, MatchResult, SearchResults
+from .backbones import short_name
+from .config import BUNDLED_COLLECTION, Settings
+from .engine import Engine, MatchResult, Progress, SearchResults
 from .errors import UserError
+from .geometry import Box
+from .matching import MATCH_LINES
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "collection"
 EXAMPLE_QUERIES = ["mate-ladybird-on-grass.jpg", "lomiri-dogs-at-window.jpg", "mate-red-marigold.jpg"]
 EXAMPLE_REGIONS = [  # file, box around the object in its pixels
     ("mate-ladybird-on-grass.jpg", (322, 132, 398, 196)),
@@ -46,11 +50,16 @@ CSS = """
     max-width: calc(100% - 8px) !important; font-size: 12px !important; line-height: 1.25 !important;
 }
 """
+# Every event: handlers get payloads undecoded (see above), and all share one concurrency group:
+# Gradio otherwise limits each event separately, so `concurrency` would apply per endpoint and
+# mixed requests would run several at once on the same cores.
+EVENT_OPTIONS = {"preprocess": False, "concurrency_id": "engine"}
+BOX_CORNERS = ("x0", "y0", "x1", "y1")
 
 
 # --- turning Gradio payloads into plain values ---------------------------------------------------
 
-def image_path(payload) -> str | bytes | None:
+def image_path(payload: Any) -> str | bytes | None:
     """The uploaded file of an unprocessed image payload: its path in Gradio's cache, or webcam bytes."""
     if payload is None:
         return None
@@ -81,31 +90,75 @@ def uploaded_file(path: str) -> str:
     return str(resolved)
 
 
-def annotation_box(annotator: image_annotator, value) -> tuple[str | bytes | None, tuple | None]:
+def drawn_box(boxes: list[dict] | None) -> Box | None:
+    """The last box drawn on an annotator, in the image's own pixels; None when none was drawn.
+
+    The annotator sends each box in its canvas's pixels with the `scaleFactor` it showed the image at;
+    dividing and rounding is all `image_annotator.preprocess_boxes` does, done here on the payload so
+    that no component instance is needed.
+    """
+    if not boxes:
+        return None
+    box = boxes[-1]
+    scale = box.get("scaleFactor", 1)
+    return Box(*(round(box[corner] / scale) for corner in ("xmin", "ymin", "xmax", "ymax")))
+
+
+def annotation_box(value: dict | None) -> tuple[str | bytes | None, Box | None]:
     """(image, box) from an unprocessed annotator value; box is None when none was drawn."""
     if not value:
         return None, None
-    if value.get("orientation"):
+    if value.get("orientation"):  # the box would be in the rotated picture's pixels, not the file's
         raise gr.Error("Please rotate the image back to how it was uploaded before drawing the box.")
-    boxes = annotator.preprocess_boxes(value.get("boxes") or [])  # undoes the display scaling
-    box = None
-    if boxes:
-        b = boxes[-1]
-        box = (b["xmin"], b["ymin"], b["xmax"], b["ymax"])
-    return image_path(value.get("image")), box
+    return image_path(value.get("image")), drawn_box(value.get("boxes"))
 
 
-def number_box(x0, y0, x1, y1) -> tuple | None:
+def number_box(x0: float | None, y0: float | None, x1: float | None, y1: float | None) -> Box | None:
     """A box from four numbers; None when all are unset."""
     values = (x0, y0, x1, y1)
     if all(v is None for v in values):
         return None
     if any(v is None for v in values):
         raise gr.Error("Give all four box corners x0, y0, x1, y1 (in the image's pixels), or none.")
-    return values
+    return Box(*values)
 
 
-def user_errors(fn):
+def whole_number(value: Any, what: str) -> int:
+    """`value` as an int; API clients can send anything, and the engine checks ints only."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"The {what} must be a whole number (got {value!r}).") from None
+
+
+def shown_id(ids: list[int] | None, index: Any) -> int:
+    """The image id behind the clicked gallery position; the gallery may have changed since it was drawn."""
+    if not isinstance(index, int) or not 0 <= index < len(ids or []):
+        raise gr.Error("That result is no longer shown; run the search again.")
+    return ids[index]
+
+
+# --- formatting results --------------------------------------------------------------------------
+
+def gallery_of(results: SearchResults) -> list[tuple]:
+    return [(item.picture, item.caption) for item in results.items]
+
+
+def ids_of(results: SearchResults) -> list[int]:
+    """The ids in gallery order, kept in a gr.State so a click on a result can search from it."""
+    return [item.id for item in results.items]
+
+
+def show_match(result: MatchResult) -> tuple:
+    return result.picture, result.summary, result.to_json()
+
+
+def reporter(progress: gr.Progress) -> Progress:
+    """The engine's (fraction, what) progress callback, shown on Gradio's progress bar."""
+    return lambda fraction, what: progress(fraction, desc=what)
+
+
+def user_errors(fn: Callable) -> Callable:
     """Show a UserError to the person as a Gradio error message; the server carries on."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -116,158 +169,185 @@ def user_errors(fn):
     return wrapper
 
 
-def gallery_of(results: SearchResults) -> list[tuple]:
-    return [(item.picture, item.caption) for item in results.items]
+# --- the events' handlers ------------------------------------------------------------------------
+
+class Handlers:
+    """The function of every event, over one engine. Each turns payloads into plain values, calls one
+    engine method and formats the result. Gradio names an event after its function's name, and the
+    `gr.Progress` default and `gr.SelectData` hint are how it knows what to pass: keep both."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @user_errors
+    def search_image(self, image: Any, k: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        results = self.engine.search_image(image_path(image), whole_number(k, "number of results"), reporter(progress))
+        return gallery_of(results), results.to_json(), ids_of(results)
+
+    @user_errors
+    def search_from_result(self, ids: list[int], k: Any, evt: gr.SelectData,
+                           progress: gr.Progress = gr.Progress()) -> tuple:
+        """A click on a result searches with its stored vector; the clicked image becomes the query."""
+        image_id = shown_id(ids, evt.index)
+        results = self.engine.search_similar(image_id, whole_number(k, "number of results"), reporter(progress))
+        return self.engine.result_image(image_id), gallery_of(results), results.to_json(), ids_of(results)
+
+    @user_errors
+    def search_region(self, image: Any, x0: Any, y0: Any, x1: Any, y1: Any, k: Any, heat: Any,
+                      progress: gr.Progress = gr.Progress()) -> tuple:
+        results = self.engine.search_region(image_path(image), number_box(x0, y0, x1, y1),
+                                            whole_number(k, "number of results"), bool(heat), reporter(progress))
+        return gallery_of(results), results.to_json()
+
+    @user_errors
+    def search_region_drawn(self, value: dict | None, k: Any, heat: Any,
+                            progress: gr.Progress = gr.Progress()) -> tuple:
+        image, box = annotation_box(value)
+        results = self.engine.search_region(image, box, whole_number(k, "number of results"), bool(heat),
+                                            reporter(progress))
+        return gallery_of(results), results.to_json()
+
+    @user_errors
+    def match_patches(self, image_a: Any, image_b: Any, x0: Any, y0: Any, x1: Any, y1: Any, n: Any,
+                      progress: gr.Progress = gr.Progress()) -> tuple:
+        return show_match(self.engine.match(image_path(image_a), image_path(image_b), number_box(x0, y0, x1, y1),
+                                            whole_number(n, "number of lines"), reporter(progress)))
+
+    @user_errors
+    def match_patches_drawn(self, value_a: dict | None, image_b: Any, n: Any,
+                            progress: gr.Progress = gr.Progress()) -> tuple:
+        image_a, box = annotation_box(value_a)
+        return show_match(self.engine.match(image_a, image_path(image_b), box, whole_number(n, "number of lines"),
+                                            reporter(progress)))
 
 
-def _int(value, what: str) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise gr.Error(f"The {what} must be a whole number (got {value!r}).") from None
+# --- pieces the tabs share -----------------------------------------------------------------------
+
+def example(name: str) -> str:
+    return str(BUNDLED_COLLECTION / name)
+
+
+def results_slider(settings: Settings) -> gr.Slider:
+    return gr.Slider(1, settings.max_k, value=settings.k, step=1, label="Number of results")
+
+
+def json_accordion(label: str, elem_id: str) -> gr.JSON:
+    """The raw result, folded away: people look at the pictures, developers at this."""
+    with gr.Accordion("JSON", open=False):
+        return gr.JSON(label=label, elem_id=elem_id)
+
+
+def box_drawer(label: str, elem_id: str, height: int, **options: Any) -> image_annotator:
+    """An image on which one box is dragged out; editing handles are off so one drag replaces the box."""
+    return image_annotator(label=label, single_box=True, image_type="filepath", disable_edit_boxes=True,
+                           box_min_size=4, sources=["upload", "clipboard"], height=height, show_remove_button=True,
+                           elem_id=elem_id, **options)
+
+
+def box_numbers() -> list[gr.Number]:
+    """The four corners an API client sends instead of drawing a box."""
+    return [gr.Number(None, label=name) for name in BOX_CORNERS]
+
+
+def _box_dict(box: tuple) -> dict:
+    x0, y0, x1, y1 = box
+    return {"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1}
+
+
+# --- the tabs: each lays out its components and wires its own events -----------------------------
+
+def image_tab(handlers: Handlers, settings: Settings) -> None:
+    """Image retrieval, and /search_image; clicking a result searches with it."""
+    with gr.Tab("Image retrieval", id="image"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                query = gr.Image(type="filepath", label="Query image: upload, paste or take a photo",
+                                 sources=["upload", "clipboard", "webcam"], height=320, elem_id="query")
+                k = results_slider(settings)
+                button = gr.Button("Search", variant="primary", elem_id="search-image")
+                gr.Examples([[example(f)] for f in EXAMPLE_QUERIES], inputs=[query], label="Examples")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Most similar images (click one to search with it)", columns=3,
+                                     height=540, allow_preview=False, object_fit="contain", elem_id="image-results")
+                result_json = json_accordion("Results", "image-json")
+        ids = gr.State([])
+    button.click(handlers.search_image, [query, k], [gallery, result_json, ids], api_name="search_image",
+                 **EVENT_OPTIONS)
+    gallery.select(handlers.search_from_result, [ids, k], [query, gallery, result_json, ids],
+                   api_visibility="private", **EVENT_OPTIONS)
+
+
+def region_tab(handlers: Handlers, settings: Settings) -> None:
+    """Region retrieval from a dragged box, and /search_region from four numbers."""
+    with gr.Tab("Region retrieval", id="region"):
+        with gr.Row():
+            with gr.Column(scale=2):
+                drawn = box_drawer("Upload an image, then drag a box over the region to search", "region-input",
+                                   360, handles_cursor=True, use_default_label=False)
+                k = results_slider(settings)
+                heat = gr.Checkbox(False, label="Show where each result is similar (heat map)")
+                button = gr.Button("Search region", variant="primary", elem_id="search-region")
+                gr.Examples([[{"image": example(f), "boxes": [_box_dict(b)]}] for f, b in EXAMPLE_REGIONS],
+                            inputs=[drawn], label="Examples (box already drawn)")
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=3,
+                                     height=540, object_fit="contain", elem_id="region-results")
+                result_json = json_accordion("Results with boxes", "region-json")
+        with gr.Row(visible=False):  # inputs of the API-only /search_region: an image and four numbers
+            api_image, api_box = gr.Image(type="filepath", label="image"), box_numbers()
+            api_button = gr.Button("search_region")
+    outputs = [gallery, result_json]
+    api_button.click(handlers.search_region, [api_image, *api_box, k, heat], outputs, api_name="search_region",
+                     **EVENT_OPTIONS)
+    button.click(handlers.search_region_drawn, [drawn, k, heat], outputs, api_visibility="private", **EVENT_OPTIONS)
+
+
+def match_tab(handlers: Handlers) -> None:
+    """Patch matching between A (optionally only a dragged box) and B, and /match_patches."""
+    with gr.Tab("Patch matching", id="match"):
+        with gr.Row():
+            drawn_a = box_drawer("Image A (optional: drag a box to match only that region)", "match-a", 320,
+                                 scale=1, min_width=300)
+            image_b = gr.Image(type="filepath", label="Image B", sources=["upload", "clipboard"], height=320,
+                               elem_id="match-b", scale=1, min_width=300)
+        with gr.Row():
+            n = gr.Slider(1, 200, value=MATCH_LINES, step=1, label="Lines to draw (strongest first)", scale=3)
+            button = gr.Button("Match patches", variant="primary", scale=1, elem_id="match-patches")
+        gr.Examples([[{"image": example(a), "boxes": []}, example(b)] for a, b in EXAMPLE_PAIRS],
+                    inputs=[drawn_a, image_b], label="Example pairs")
+        picture = gr.Image(label="Matching patches (red: strongest, blue: weakest)", type="pil",
+                           interactive=False, format="jpeg", elem_id="match-picture")
+        summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
+        result_json = json_accordion("Matched point pairs (x, y in each image's pixels)", "match-json")
+        with gr.Row(visible=False):  # inputs of the API-only /match_patches
+            api_a, api_b = gr.Image(type="filepath", label="image_a"), gr.Image(type="filepath", label="image_b")
+            api_box, api_button = box_numbers(), gr.Button("match_patches")
+    outputs = [picture, summary, result_json]
+    api_button.click(handlers.match_patches, [api_a, api_b, *api_box, n], outputs, api_name="match_patches",
+                     **EVENT_OPTIONS)
+    button.click(handlers.match_patches_drawn, [drawn_a, image_b, n], outputs, api_visibility="private",
+                 **EVENT_OPTIONS)
 
 
 # --- the app -------------------------------------------------------------------------------------
 
+def intro(engine: Engine) -> str:
+    return ("## DINO image search\nFind similar images, regions and matching parts in "
+            f"**{engine.index.count} indexed images** with self-supervised "
+            f"`{short_name(engine.embedder.model_id)}` features. Photos of people are refused.")
+
+
 def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
     """The Blocks app with its queue set up; launch it with `launch_options(settings)`."""
-
-    def reporter(progress: gr.Progress):
-        return lambda fraction, what: progress(fraction, desc=what)
-
-    # Handlers: each turns payloads into plain values, calls one engine method, formats the result.
-    @user_errors
-    def search_image(image, k, progress=gr.Progress()):
-        results = engine.search_image(image_path(image), _int(k, "number of results"), reporter(progress))
-        return gallery_of(results), results.to_json(), [item.id for item in results.items]
-
-    @user_errors
-    def search_from_result(ids, k, evt: gr.SelectData, progress=gr.Progress()):
-        if not isinstance(evt.index, int) or not 0 <= evt.index < len(ids or []):
-            raise gr.Error("That result is no longer shown; run the search again.")
-        image_id = ids[evt.index]
-        results = engine.search_similar(image_id, _int(k, "number of results"), reporter(progress))
-        return engine.result_image(image_id), gallery_of(results), results.to_json(), [i.id for i in results.items]
-
-    @user_errors
-    def search_region(image, x0, y0, x1, y1, k, heat, progress=gr.Progress()):
-        box = number_box(x0, y0, x1, y1)
-        results = engine.search_region(image_path(image), box, _int(k, "number of results"), bool(heat), reporter(progress))
-        return gallery_of(results), results.to_json()
-
-    @user_errors
-    def search_region_drawn(value, k, heat, progress=gr.Progress()):
-        image, box = annotation_box(region_input, value)
-        results = engine.search_region(image, box, _int(k, "number of results"), bool(heat), reporter(progress))
-        return gallery_of(results), results.to_json()
-
-    def show_match(result: MatchResult):
-        return result.picture, result.summary, result.to_json()
-
-    @user_errors
-    def match_patches(image_a, image_b, x0, y0, x1, y1, n, progress=gr.Progress()):
-        box = number_box(x0, y0, x1, y1)
-        return show_match(engine.match(image_path(image_a), image_path(image_b), box, _int(n, "number of lines"), reporter(progress)))
-
-    @user_errors
-    def match_patches_drawn(value_a, image_b, n, progress=gr.Progress()):
-        image_a, box = annotation_box(match_input_a, value_a)
-        return show_match(engine.match(image_a, image_path(image_b), box, _int(n, "number of lines"), reporter(progress)))
-
-    k_max = settings.max_k
+    handlers = Handlers(engine)
     # Uploads and result pictures live in Gradio's temp folder and are deleted once older than
     # upload_lifetime (checked every quarter of it), and all of them when the server stops.
     lifetime = settings.upload_lifetime
     with gr.Blocks(title="DINO image search", delete_cache=(max(1, lifetime // 4), lifetime)) as demo:
-        gr.Markdown(
-            "## DINO image search\nFind similar images, regions and matching parts in "
-            f"**{engine.index.count} indexed images** with self-supervised "
-            f"`{Path(str(engine.embedder.model_id)).name}` features. Photos of people are refused.",
-            elem_id="intro",
-        )
-        with gr.Tab("Image retrieval", id="image"):
-            with gr.Row():
-                with gr.Column(scale=2):
-                    query = gr.Image(type="filepath", label="Query image: upload, paste or take a photo",
-                                     sources=["upload", "clipboard", "webcam"], height=320, elem_id="query")
-                    image_k = gr.Slider(1, k_max, value=settings.k, step=1, label="Number of results")
-                    image_button = gr.Button("Search", variant="primary", elem_id="search-image")
-                    gr.Examples([[str(ASSETS / f)] for f in EXAMPLE_QUERIES], inputs=[query], label="Examples")
-                with gr.Column(scale=3):
-                    image_gallery = gr.Gallery(label="Most similar images (click one to search with it)",
-                                               columns=3, height=540, allow_preview=False, object_fit="contain",
-                                               elem_id="image-results")
-                    with gr.Accordion("JSON", open=False):
-                        image_json = gr.JSON(label="Results", elem_id="image-json")
-            image_ids = gr.State([])
-
-        with gr.Tab("Region retrieval", id="region"):
-            with gr.Row():
-                with gr.Column(scale=2):
-                    region_input = image_annotator(
-                        label="Upload an image, then drag a box over the region to search",
-                        single_box=True, image_type="filepath", disable_edit_boxes=True,
-                        box_min_size=4, sources=["upload", "clipboard"], height=360,
-                        show_remove_button=True, handles_cursor=True, use_default_label=False, elem_id="region-input",
-                    )
-                    region_k = gr.Slider(1, k_max, value=settings.k, step=1, label="Number of results")
-                    region_heat = gr.Checkbox(False, label="Show where each result is similar (heat map)")
-                    region_button = gr.Button("Search region", variant="primary", elem_id="search-region")
-                    gr.Examples([[{"image": str(ASSETS / f), "boxes": [_box_dict(b)]}] for f, b in EXAMPLE_REGIONS],
-                                inputs=[region_input], label="Examples (box already drawn)")
-                with gr.Column(scale=3):
-                    region_gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=3,
-                                                height=540, object_fit="contain", elem_id="region-results")
-                    with gr.Accordion("JSON", open=False):
-                        region_json = gr.JSON(label="Results with boxes", elem_id="region-json")
-            with gr.Row(visible=False):  # inputs of the API-only /search_region: an image and four numbers
-                api_region_image = gr.Image(type="filepath", label="image")
-                api_box = [gr.Number(None, label=name) for name in ("x0", "y0", "x1", "y1")]
-                api_region_button = gr.Button("search_region")
-
-        with gr.Tab("Patch matching", id="match"):
-            with gr.Row():
-                match_input_a = image_annotator(
-                    label="Image A (optional: drag a box to match only that region)",
-                    single_box=True, image_type="filepath", disable_edit_boxes=True, box_min_size=4,
-                    sources=["upload", "clipboard"], height=320, show_remove_button=True, elem_id="match-a",
-                    scale=1, min_width=300,
-                )
-                match_b = gr.Image(type="filepath", label="Image B", sources=["upload", "clipboard"], height=320,
-                                   elem_id="match-b", scale=1, min_width=300)
-            with gr.Row():
-                match_n = gr.Slider(1, 200, value=40, step=1, label="Lines to draw (strongest first)", scale=3)
-                match_button = gr.Button("Match patches", variant="primary", scale=1, elem_id="match-patches")
-            gr.Examples([[{"image": str(ASSETS / a), "boxes": []}, str(ASSETS / b)] for a, b in EXAMPLE_PAIRS],
-                        inputs=[match_input_a, match_b], label="Example pairs")
-            match_picture = gr.Image(label="Matching patches (red: strongest, blue: weakest)", type="pil",
-                                     interactive=False, format="jpeg", elem_id="match-picture")
-            match_summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
-            with gr.Accordion("JSON", open=False):
-                match_json = gr.JSON(label="Matched point pairs (x, y in each image's pixels)", elem_id="match-json")
-            with gr.Row(visible=False):  # inputs of the API-only /match_patches
-                api_match_a = gr.Image(type="filepath", label="image_a")
-                api_match_b = gr.Image(type="filepath", label="image_b")
-                api_match_box = [gr.Number(None, label=name) for name in ("x0", "y0", "x1", "y1")]
-                api_match_button = gr.Button("match_patches")
-
-        # Wiring: the three public endpoints, and the UI-only events kept out of the API. One
-        # concurrency group for all: Gradio otherwise limits each event separately, so `concurrency`
-        # would apply per endpoint and mixed requests would run several at once on the same cores.
-        raw = {"preprocess": False, "concurrency_id": "engine"}
-        image_button.click(search_image, [query, image_k], [image_gallery, image_json, image_ids],
-                           api_name="search_image", **raw)
-        image_gallery.select(search_from_result, [image_ids, image_k], [query, image_gallery, image_json, image_ids],
-                             api_visibility="private", **raw)
-        api_region_button.click(search_region, [api_region_image, *api_box, region_k, region_heat],
-                                [region_gallery, region_json], api_name="search_region", **raw)
-        region_button.click(search_region_drawn, [region_input, region_k, region_heat], [region_gallery, region_json],
-                            api_visibility="private", **raw)
-        api_match_button.click(match_patches, [api_match_a, api_match_b, *api_match_box, match_n],
-                               [match_picture, match_summary, match_json], api_name="match_patches", **raw)
-        match_button.click(match_patches_drawn, [match_input_a, match_b, match_n],
-                           [match_picture, match_summary, match_json], api_visibility="private", **raw)
-
+        gr.Markdown(intro(engine), elem_id="intro")
+        image_tab(handlers, settings)
+        region_tab(handlers, settings)
+        match_tab(handlers)
     return demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 
 
@@ -277,8 +357,3 @@ def launch_options(settings: Settings) -> dict:
         "server_name": settings.host, "server_port": settings.port, "share": settings.share,
         "max_file_size": settings.max_upload_bytes, "css": CSS, "theme": gr.themes.Soft(),
     }
-
-
-def _box_dict(box: tuple) -> dict:
-    x0, y0, x1, y1 = box
-    return {"xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1}

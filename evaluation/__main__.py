@@ -105,8 +105,7 @@ def run(args: argparse.Namespace) -> Report:
     searches, depth = _searches(args.searches), _depth(args.depth)
     first = load_index(args.index[0])
     built = first.manifest["model"]
-    embedder = Embedder(args.model or built["id"], device=args.device, input_size=built["input_size"],
-                        batch_size=args.batch_size)
+    embedder = Embedder.for_index(built, args.model, device=args.device, batch_size=args.batch_size)
     indexes = [load_index(path, embedder.describe()) for path in args.index]
     eval_set = load_eval_set(args, indexes)
     print(f"{eval_set.protocol}: {len(eval_set.queries)} queries, {len(indexes)} index(es), "
