@@ -63,23 +63,29 @@ def open_engine(settings: Settings, progress=None, gate=None):
     return Engine.from_settings(settings, embedder, load_index(folder, embedder.describe()), gate)
 
 
-def make_demo(settings: Settings):
-    """The ready-to-launch Blocks app for these settings (loads the model and the index)."""
-    from dino_demo.ui import build_ui
+def start_line(engine, settings: Settings, url: str, share_url: str | None) -> str:
+    """The one line the app prints when it is ready: where, what it serves, and with which gate."""
+    from dino_demo.backbones import short_name
 
-    return build_ui(open_engine(settings, progress=print_build_progress()), settings)
+    model = f"{short_name(engine.embedder.model_id)} on {engine.embedder.device} ({engine.embedder.backend})"
+    public = f"; public link {share_url}" if share_url else "; --share makes a public gradio.live link"
+    return (f"DINO image search at {url} · {engine.index.count} images · {model} · "
+            f"face gate {'on' if settings.face_gate else 'off'}{public}")
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv, os.environ)
-        demo = make_demo(settings)
+        engine = open_engine(settings, progress=print_build_progress())
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from dino_demo.ui import launch_options
+    from dino_demo.ui import build_ui, launch_options
 
-    demo.launch(**launch_options(settings))
+    demo = build_ui(engine, settings)
+    demo.launch(**launch_options(settings), quiet=True, prevent_thread_lock=True)  # our own start line instead
+    print(start_line(engine, settings, demo.local_url, demo.share_url), flush=True)
+    demo.block_thread()
     return 0
 
 

@@ -8,6 +8,7 @@ core takes a `Settings` or plain values. Importing this module loads neither tor
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -18,7 +19,7 @@ from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_COLLECTION = ROOT / "assets" / "collection"  # the shipped photos: examples, and the default index
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "dino-demo"
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dino-demo"  # the XDG rule
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")  # how a CPU runs the model (onnx_backend.py)
 
 
@@ -66,7 +67,7 @@ class Settings:
     port: int = setting(7860, "port to listen on", "DINO_PORT")
     share: bool = setting(False, "make a temporary public gradio.live link", "DINO_SHARE")
     cache_dir: Path = setting(help="where the bundled collection's index and the ONNX exports are kept",
-                              env="DINO_CACHE_DIR", factory=lambda: DEFAULT_CACHE_DIR, shown="~/.cache/dino-demo")
+                              env="DINO_CACHE_DIR", factory=lambda: DEFAULT_CACHE_DIR, shown="~/.cache/dino-demo ($XDG_CACHE_HOME/dino-demo if set)")
     collection: Path = setting(BUNDLED_COLLECTION, "image folder indexed when no index is given",
                                "DINO_COLLECTION", shown="assets/collection")
 

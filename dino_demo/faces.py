@@ -13,11 +13,14 @@ from PIL import Image
 
 from .errors import UserError
 from .geometry import Box
+from .quiet import silenced_output
 
 Found = list[tuple[Box, float]]  # (box in the array's pixels, score)
 Detector = Callable[[np.ndarray], Found]  # (h, w, 3) uint8 RGB -> faces
 
 MAX_SIDE = 2048  # larger images are shrunk first, for speed
+UPRIGHT, ALL_TURNS = (0,), (0, 90, 270, 180)  # sideways first: a photo on its side is the likelier slip
+_TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 TILE = 512  # the full-range model finds faces of 10% of its view reliably: 51 px in a 512 px tile
 
 
@@ -44,8 +47,11 @@ class MediaPipeDetector:
             from mediapipe.python.solutions import face_detection
         except ImportError as e:
             raise ImportError("The face gate needs MediaPipe: pip install mediapipe==0.10.21") from e
-        self._short = face_detection.FaceDetection(min_confidence, model_selection=0)  # close-ups
-        self._full = face_detection.FaceDetection(min_confidence, model_selection=1)  # up to 5 m
+        with silenced_output():  # TFLite logs lines as each model loads and first runs; no setting turns them off
+            self._short = face_detection.FaceDetection(min_confidence, model_selection=0)  # close-ups
+            self._full = face_detection.FaceDetection(min_confidence, model_selection=1)  # up to 5 m
+            blank = np.zeros((64, 64, 3), np.uint8)
+            self._short.process(blank), self._full.process(blank)
 
     def __call__(self, rgb: np.ndarray) -> Found:
         found = _detect(self._short, rgb) + _detect(self._full, rgb)
@@ -106,9 +112,15 @@ def _merge(found: Found) -> Found:
 
 
 class FaceGate:
-    """Refuses images that show a face. The detector is made on first use and shared by all threads."""
-    def __init__(self, min_confidence: float = 0.5, detector: Detector | None = None):
-        self.min_confidence = min_confidence
+    """Refuses images that show a face. The detector is made on first use and shared by all threads.
+
+    MediaPipe finds upright faces only, so a photo turned on its side (pixels turned, no EXIF tag)
+    is also checked turned back: each of `turns` (degrees counter-clockwise) until a face is found.
+    The cost per extra turn is measured in benchmarks/RESULTS.md, "Face gate"."""
+
+    def __init__(self, min_confidence: float = 0.5, detector: Detector | None = None,
+                 turns: tuple[int, ...] = ALL_TURNS):
+        self.min_confidence, self.turns = min_confidence, turns
         self._detector, self._owns_detector = detector, detector is None
         self._lock = threading.Lock()  # MediaPipe graphs are not thread-safe; Gradio runs a thread pool
 
@@ -116,13 +128,18 @@ class FaceGate:
         """Finds faces; boxes are in `image`'s pixels."""
         work = image.convert("RGB")
         work.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
-        with self._lock:
-            if self._detector is None:
-                self._detector = MediaPipeDetector(self.min_confidence)
-            found = self._detector(np.asarray(work))  # (h, w, 3) uint8
-        found = sorted((f for f in found if f[1] >= self.min_confidence), key=lambda f: -f[1])
-        boxes = [Box(*b).scaled(work.size, image.size).rounded_out(image.size) for b, _ in found]
-        return FaceCheck(bool(found), boxes, [float(score) for _, score in found])
+        for turn in self.turns:
+            view = work.transpose(_TRANSPOSE[turn]) if turn else work
+            with self._lock:
+                if self._detector is None:
+                    self._detector = MediaPipeDetector(self.min_confidence)
+                found = self._detector(np.asarray(view))  # (h, w, 3) uint8
+            found = sorted((f for f in found if f[1] >= self.min_confidence), key=lambda f: -f[1])
+            if found:
+                boxes = [Box(*b).turned_back(turn, work.size).scaled(work.size, image.size).rounded_out(image.size)
+                         for b, _ in found]
+                return FaceCheck(True, boxes, [float(score) for _, score in found])
+        return FaceCheck(False, [], [])
 
     def require_no_face(self, image: Image.Image) -> None:
         """Raises FaceRefused, with a message for the user, if the image shows a face."""

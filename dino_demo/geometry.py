@@ -62,6 +62,15 @@ class Box(NamedTuple):
         sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
         return Box(self.x0 * sx, self.y0 * sy, self.x1 * sx, self.y1 * sy)
 
+    def turned_back(self, turn: int, size: Size) -> "Box":
+        """A box found in a copy of a `size` image turned `turn` degrees counter-clockwise (PIL's
+        ROTATE_90/180/270), in the unturned image's pixels."""
+        w, h = size
+        corners = {0: lambda x, y: (x, y), 90: lambda x, y: (w - y, x), 180: lambda x, y: (w - x, h - y),
+                   270: lambda x, y: (y, h - x)}[turn % 360]
+        (ax, ay), (bx, by) = corners(self.x0, self.y0), corners(self.x1, self.y1)
+        return Box(min(ax, bx), min(ay, by), max(ax, bx), max(ay, by))
+
     def rounded_out(self, size: Size) -> "Box":
         """Whole pixels that contain the box, clipped to a `size` image."""
         w, h = size

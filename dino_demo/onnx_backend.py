@@ -12,13 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,6 +23,7 @@ import torch
 from . import atomic
 from .config import BACKENDS
 from .errors import UserError, first_line
+from .quiet import silenced_output
 
 MIN_COSINE = 0.99  # features must stay this close to torch float32, per token, or the export is refused
 _FORMAT = 1  # bump when the exported graph changes, so old cache entries are not reused
@@ -126,34 +124,22 @@ def _export(model: torch.nn.Module, input_size: int, backend: str, path: Path, e
     example = torch.zeros(1, 3, input_size, input_size)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), _silenced_output():
-            warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed shapes
-            # The TorchScript exporter needs no extra packages and traces HF ViT / DINOv2 as they are.
-            torch.onnx.export(_HiddenStates(model, extra_kwargs).eval(), (example,), str(fp32), dynamo=False,
-                              input_names=["pixel_values"], output_names=["hidden"], opset_version=_OPSET,
-                              dynamic_axes={"pixel_values": {0: "n"}, "hidden": {0: "n"}})
+        # On a failed export torch's C++ logger prints the whole traced graph to fd 2 (and leaves its log
+        # switched on), which would bury the one-line warning we give.
+        try:
+            with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), silenced_output():
+                warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed shapes
+                # The TorchScript exporter needs no extra packages and traces HF ViT / DINOv2 as they are.
+                torch.onnx.export(_HiddenStates(model, extra_kwargs).eval(), (example,), str(fp32), dynamo=False,
+                                  input_names=["pixel_values"], output_names=["hidden"], opset_version=_OPSET,
+                                  dynamic_axes={"pixel_values": {0: "n"}, "hidden": {0: "n"}})
+        finally:
+            torch._C._jit_set_onnx_log_enabled(False)
         made = fp32
         if backend == "onnx-int8":
             made = Path(tmp) / "int8.onnx"
             _quantize(fp32, made)
         atomic.write_with(path, lambda tmp: os.replace(made, tmp))
-
-
-@contextmanager
-def _silenced_output() -> Iterator[None]:
-    """Send fds 1 and 2 to /dev/null: on a failed export torch's C++ logger prints the whole traced
-    graph there (and leaves its log switched on), which would bury the one-line warning we give."""
-    sys.stdout.flush(), sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1), os.dup2(null, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
-        torch._C._jit_set_onnx_log_enabled(False)
 
 
 def _quantize(src: Path, dst: Path) -> None:

@@ -70,8 +70,9 @@ def run(args: argparse.Namespace) -> int:
     embedder = Embedder(args.model, device=device, input_size=args.input_size, batch_size=batch_size)
     limit = options.limit
     total = source.num_rows if limit is None else min(limit, source.num_rows or limit)
+    workers = f"{options.workers} decoding process{'' if options.workers == 1 else 'es'}"
     print(f"indexing {args.dataset} [{args.split}] with {args.model} on {embedder.device} (batch {batch_size}, "
-          f"{options.workers} decoding processes) into {args.out}", file=sys.stderr)
+          f"{workers}) into {args.out}", file=sys.stderr)
     skipped = {}
     with tqdm(total=total, unit="img", desc="indexing", dynamic_ncols=True) as bar:
         def progress(decoded) -> None:

@@ -1,12 +1,21 @@
 """Shared fixtures: tiny random DINO-shaped models saved to disk, generated images, no network."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the hub
-os.environ.setdefault("GLOG_minloglevel", "2")
+# Every cache (ours: ONNX exports, the bundled collection's index; datasets' and the hub's; matplotlib's)
+# goes to one temporary folder, set before any library reads it: the suite leaves the user's home alone.
+CACHE_ROOT = Path(tempfile.mkdtemp(prefix="dino-demo-tests-"))
+atexit.register(shutil.rmtree, CACHE_ROOT, ignore_errors=True)
+os.environ["XDG_CACHE_HOME"] = str(CACHE_ROOT)
+os.environ["HF_HOME"] = str(CACHE_ROOT / "huggingface")
+os.environ["MPLCONFIGDIR"] = str(CACHE_ROOT / "matplotlib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402

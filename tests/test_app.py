@@ -106,3 +106,34 @@ def test_an_index_whose_model_cannot_be_found_says_so_and_how_to_point_at_one(di
         open_engine(Settings(index=str(out), device="cpu", cache_dir=tmp_path, face_gate=False))
     message = str(caught.value)
     assert "\n" not in message and "The index was built with" in message and "--model" in message
+
+
+def test_the_app_starts_quietly_with_a_start_line_of_its_own(tmp_path, tiny_vit):
+    """`python app.py` as a person runs it, with the real face gate: no library chatter, one line saying
+    where it is, what it serves, the model, the gate and how to share."""
+    import os
+    import time
+
+    from conftest import free_port, write_imagefolder
+
+    port = free_port()
+    collection = write_imagefolder(tmp_path / "photos", 3)
+    command = [sys.executable, "app.py", "--model", str(tiny_vit), "--device", "cpu", "--backend", "torch",
+               "--collection", str(collection), "--cache-dir", str(tmp_path / "cache"), "--port", str(port)]
+    log = tmp_path / "app.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
+        try:
+            deadline = time.monotonic() + 240
+            while "DINO image search at" not in log.read_text() and time.monotonic() < deadline:
+                assert server.poll() is None, log.read_text()
+                time.sleep(0.5)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    text = log.read_text()
+    line = next(l for l in text.splitlines() if l.startswith("DINO image search at"))
+    assert f"http://127.0.0.1:{port}" in line and "3 images" in line and "tiny-dino-vit on cpu (torch)" in line
+    assert "face gate on" in line and "--share" in line
+    for chatter in ("W0000", "XNNPACK", "absl", "share=True", "Running on local URL"):
+        assert chatter not in text, chatter

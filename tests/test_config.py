@@ -45,3 +45,26 @@ def test_the_readme_table_is_the_one_made_from_the_settings():
     assert table in readme, "README's variable table is out of date: paste `python -m dino_demo.config` over it"
     for f in fields(Settings):
         assert f"`{f.metadata['env']}` | `{option_name(f)}`" in table
+
+
+def test_the_suite_keeps_every_cache_out_of_the_home_folder():
+    import datasets
+    from conftest import CACHE_ROOT
+    from huggingface_hub import constants
+
+    from dino_demo.config import DEFAULT_CACHE_DIR
+
+    for cache in (DEFAULT_CACHE_DIR, Settings().cache_dir, datasets.config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE):
+        assert Path(cache).is_relative_to(CACHE_ROOT), cache
+
+
+def test_the_cache_folder_follows_xdg_cache_home():
+    import subprocess
+    import sys
+
+    code = "from dino_demo.config import DEFAULT_CACHE_DIR; print(DEFAULT_CACHE_DIR)"
+    for environ, expected in (({"XDG_CACHE_HOME": "/srv/cache"}, "/srv/cache/dino-demo"),
+                              ({"XDG_CACHE_HOME": ""}, str(Path.home() / ".cache" / "dino-demo"))):
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              env={"PATH": "", "HOME": str(Path.home()), **environ}, timeout=60)
+        assert done.stdout.strip() == expected, done.stderr
