@@ -78,9 +78,15 @@ def test_match_patches_with_a_box_keeps_matches_inside_it(client):
     assert all(180 <= p["a"][0] <= 512 and 55 <= p["a"][1] <= 300 for p in result["pairs"])
 
 
+@pytest.mark.parametrize("turn", [0, 90, 180, 270])
 @pytest.mark.parametrize("endpoint", ["/search_image", "/search_region", "/match_patches_a", "/match_patches_b"])
-def test_face_photo_is_refused_by_every_endpoint_and_the_server_keeps_serving(client, face_photo, endpoint):
-    face, other = handle_file(face_photo), handle_file(MARIGOLD)
+def test_face_photo_is_refused_by_every_endpoint_and_the_server_keeps_serving(client, face_photo, endpoint, turn,
+                                                                             tmp_path):
+    from PIL import Image
+
+    turned = tmp_path / f"face-{turn}.jpg"
+    Image.open(face_photo).rotate(turn, expand=True).save(turned)  # pixels turned, no EXIF tag
+    face, other = handle_file(str(turned)), handle_file(MARIGOLD)
     calls = {
         "/search_image": lambda: client.predict(face, 3, api_name="/search_image"),
         "/search_region": lambda: client.predict(face, 10, 10, 200, 200, 3, False, api_name="/search_region"),

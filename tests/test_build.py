@@ -87,12 +87,14 @@ def test_streaming_and_limit(image_folder, embedder, tmp_path):
     assert report.indexed == 7 and load_index(tmp_path / "idx").count == 7
 
 
-def test_photos_of_people_are_kept_out_and_counted(tmp_path, embedder):
+@pytest.mark.parametrize("turn", [0, 90])
+def test_photos_of_people_are_kept_out_and_counted(tmp_path, embedder, turn):
     from matplotlib import cbook
+    from PIL import Image
 
     folder = write_imagefolder(tmp_path / "images", 3)
     with cbook.get_sample_data("grace_hopper.jpg") as f:
-        (folder / "img001.jpg").write_bytes(f.read())
+        Image.open(f).rotate(turn, expand=True).save(folder / "img001.jpg")  # on its side too
     source = open_source(str(folder))
     report = build_index(source, embedder, str(tmp_path / "idx"), BuildOptions(workers=0, skip_faces=True))
     assert report.indexed == 2 and report.skipped == {"face": 1}
@@ -117,6 +119,25 @@ def test_the_builders_face_gate_is_the_one_it_is_given_in_every_decoding_process
     kept = build_index(open_source(str(folder)), embedder, str(tmp_path / "all"),
                        BuildOptions(workers=workers, batch_size=2, skip_faces=False), gate=WideIsAFace)
     assert kept.indexed == 6  # --no-skip-faces: the gate is not asked
+
+
+class TurnsRecorder(FaceGate):
+    made: list = []
+
+    def __init__(self, **kwargs):
+        super().__init__(detector=lambda rgb: [], **kwargs)
+        TurnsRecorder.made.append(self.turns)
+
+
+def test_turned_faces_are_looked_for_unless_the_build_says_not_to(tmp_path, embedder, image_folder):
+    from dino_demo.faces import ALL_TURNS, UPRIGHT
+
+    for turned, expected in ((True, ALL_TURNS), (False, UPRIGHT)):
+        TurnsRecorder.made.clear()
+        options = BuildOptions(workers=0, skip_faces=True, turned_faces=turned, limit=2)
+        report = build_index(open_source(str(image_folder)), embedder, str(tmp_path / f"idx-{turned}"), options,
+                             gate=TurnsRecorder)
+        assert TurnsRecorder.made == [expected] and report.manifest["turned_faces"] is turned
 
 
 def test_push_to_hub_offline_keeps_the_index_and_says_how_to_upload_it(tmp_path, tiny_vit):

@@ -10,7 +10,8 @@ import pytest
 from matplotlib import cbook
 from PIL import Image, ImageDraw
 
-from dino_demo.faces import FaceCheck, FaceRefused, FaceGate, NoFaceGate
+from dino_demo.faces import UPRIGHT, FaceCheck, FaceGate, FaceRefused, NoFaceGate
+from dino_demo.geometry import Box
 
 COLLECTION = Path(__file__).resolve().parents[1] / "assets" / "collection"
 GRACE_FACE = (171, 146, 366, 342)  # where the face is in grace_hopper.jpg (512 x 600), checked by eye
@@ -192,3 +193,41 @@ def test_missing_mediapipe_says_how_to_install(monkeypatch, portrait):
         monkeypatch.setitem(sys.modules, name, None)  # what an uninstalled package looks like
     with pytest.raises(ImportError, match=r"pip install mediapipe==0\.10\.21"):
         FaceGate().check(portrait)
+
+
+TURNS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+@pytest.mark.parametrize("turn", [90, 180, 270])
+def test_a_photo_of_a_person_turned_on_its_side_or_upside_down_is_refused(gate, portrait, turn):
+    turned = portrait.transpose(TURNS[turn])  # the pixels turned, no EXIF tag to undo it
+    assert not FaceGate(turns=UPRIGHT).check(turned).has_face  # MediaPipe alone misses it
+    check = gate.check(turned)
+    assert check.has_face
+    upright_face = Box(*GRACE_FACE)
+    where = Box(*check.boxes[0]).turned_back(turn, portrait.size)  # back onto the upright photo
+    assert centre_inside(where, upright_face)
+    with pytest.raises(FaceRefused):
+        gate.require_no_face(turned)
+
+
+@pytest.mark.parametrize("turn", [90, 270])
+def test_a_small_turned_face_in_a_landscape_is_refused(gate, portrait, turn):
+    with Image.open(COLLECTION / "plasma-lake-twilight.jpg") as landscape:
+        canvas = landscape.convert("RGB")
+    canvas.paste(portrait.resize((60, 70)).transpose(TURNS[turn]), (200, 120))
+    assert not FaceGate(turns=UPRIGHT).check(canvas).has_face
+    check = gate.check(canvas)
+    assert check.has_face and centre_inside(check.boxes[0], (200, 120, 270, 180))
+
+
+def test_the_gate_stops_at_the_first_turn_that_shows_a_face(portrait):
+    views = []
+
+    def fake(rgb: np.ndarray):
+        views.append(rgb.shape)
+        return [((5.0, 10.0, 25.0, 40.0), 0.9)] if len(views) == 2 else []
+
+    check = FaceGate(detector=fake).check(portrait)  # 512 x 600: turned a quarter it is 600 x 512
+    assert views == [(600, 512, 3), (512, 600, 3)]
+    assert check.boxes == [Box(5.0, 10.0, 25.0, 40.0).turned_back(90, (512, 600)).rounded_out((512, 600))]

@@ -114,3 +114,17 @@ def test_patches_in_a_box_are_those_whose_centre_it_holds():
 def test_a_box_smaller_than_a_patch_takes_the_patch_it_covers_most():
     assert patches_in(Box(20, 40, 22, 42), (64, 64), GRID).tolist() == [9]
     assert patches_in(Box(14, 0, 20, 3), (64, 64), GRID).tolist() == [1]  # 2 px in cell 0, 4 in cell 1
+
+
+@pytest.mark.parametrize("turn, transpose", [(0, None), (90, "ROTATE_90"), (180, "ROTATE_180"), (270, "ROTATE_270")])
+def test_a_box_found_in_a_turned_copy_turns_back_onto_the_same_pixels(turn, transpose):
+    from PIL import Image
+
+    size = (64, 48)
+    for box in random_int_boxes(np.random.default_rng(4), 10, size):
+        if box.area == 0:
+            continue
+        mask = Image.fromarray(pixel_mask(box, size).astype(np.uint8) * 255)
+        turned = mask if transpose is None else mask.transpose(getattr(Image.Transpose, transpose))
+        found = Box(*turned.getbbox())  # brute force: where the pixels went
+        assert found.turned_back(turn, size) == box

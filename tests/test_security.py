@@ -65,13 +65,17 @@ def with_image(endpoint: str, payload, other) -> list[list]:
     return calls
 
 
-def test_the_face_gate_guards_every_ui_event_that_takes_an_image(app_server, face_photo, upload_dir):
+@pytest.mark.parametrize("turn", [0, 90])
+def test_the_face_gate_guards_every_ui_event_that_takes_an_image(app_server, face_photo, upload_dir, turn):
+    from PIL import Image
+
     from dino_demo.config import Settings
     from dino_demo.ui import build_ui
 
     _, engine = app_server
     demo = build_ui(engine, Settings(model=str(engine.embedder.model_id), input_size=224))
-    face = str(shutil.copy(face_photo, upload_dir / "face.jpg"))
+    face = str(upload_dir / "face.jpg")
+    Image.open(face_photo).rotate(turn, expand=True).save(face)  # a photo on its side too
     clean = str(shutil.copy(MARIGOLD, upload_dir / "clean.jpg"))
     image, boxed = {"path": face, "meta": FILE_META}, {"image": {"path": face}, "boxes": [
         {"xmin": 10, "ymin": 10, "xmax": 200, "ymax": 200}]}
