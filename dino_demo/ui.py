@@ -49,10 +49,15 @@ CSS = """
     white-space: normal !important; overflow: visible !important; text-overflow: clip !important;
     max-width: calc(100% - 8px) !important; font-size: 12px !important; line-height: 1.25 !important;
 }
+/* A refused input is explained where the results would be, and stays until the next search. */
+.refusal { border: 2px solid #d97706; background: #fffbeb; border-radius: 8px; padding: 10px 14px !important; }
+.refusal p { margin: 0; color: #7c2d12; }
+.refusal .refusal { border: none; background: none; padding: 0 !important; }  /* the block's inner copy of the class */
 """
 # Every event: handlers get payloads undecoded (see above), and all share one concurrency group:
 # Gradio otherwise limits each event separately, so `concurrency` would apply per endpoint and
 # mixed requests would run several at once on the same cores.
+QUERY_LABEL = "Query image: upload, paste or take a photo"
 EVENT_OPTIONS = {"preprocess": False, "concurrency_id": "engine"}
 BOX_CORNERS = ("x0", "y0", "x1", "y1")
 
@@ -151,6 +156,24 @@ def ids_of(results: SearchResults) -> list[int]:
 
 def show_match(result: MatchResult) -> tuple:
     return result.picture, result.summary, result.to_json()
+
+
+def shown_in_place(handler: Callable, blank: tuple) -> Callable:
+    """`handler` for a button on the page: a refusal (a gr.Error) becomes a notice in the results area
+    (the extra last output) with `blank` results, instead of a toast that fades and red "Error"
+    badges; success hides the notice. The public API events keep raising, which clients expect."""
+    @functools.wraps(handler)
+    def on_page(*args, **kwargs):
+        try:
+            return (*handler(*args, **kwargs), gr.update(value="", visible=False))
+        except gr.Error as e:
+            return (*blank, gr.update(value=f"**Not searched.** {e.message}", visible=True))
+    on_page.__name__ = on_page.__qualname__ = f"{handler.__name__}_on_page"  # events are named after it
+    return on_page
+
+
+def refusal_notice(elem_id: str) -> gr.Markdown:
+    return gr.Markdown("", visible=False, elem_id=elem_id, elem_classes="refusal")
 
 
 def reporter(progress: gr.Progress) -> Progress:
@@ -261,20 +284,26 @@ def image_tab(handlers: Handlers, settings: Settings) -> None:
     with gr.Tab("Image retrieval", id="image"):
         with gr.Row():
             with gr.Column(scale=2):
-                query = gr.Image(type="filepath", label="Query image: upload, paste or take a photo",
+                query = gr.Image(type="filepath", label=QUERY_LABEL,
                                  sources=["upload", "clipboard", "webcam"], height=320, elem_id="query")
                 k = results_slider(settings)
                 button = gr.Button("Search", variant="primary", elem_id="search-image")
                 gr.Examples([[example(f)] for f in EXAMPLE_QUERIES], inputs=[query], label="Examples")
             with gr.Column(scale=3):
+                notice = refusal_notice("image-notice")
                 gallery = gr.Gallery(label="Most similar images (click one to search with it)", columns=3,
                                      height=540, allow_preview=False, object_fit="contain", elem_id="image-results")
                 result_json = json_accordion("Results", "image-json")
         ids = gr.State([])
-    button.click(handlers.search_image, [query, k], [gallery, result_json, ids], api_name="search_image",
-                 **EVENT_OPTIONS)
-    gallery.select(handlers.search_from_result, [ids, k], [query, gallery, result_json, ids],
-                   api_visibility="private", **EVENT_OPTIONS)
+        with gr.Row(visible=False):  # the API-only /search_image, so that the page's button can show refusals
+            api_image = gr.Image(type="filepath", label=QUERY_LABEL)  # same description as before the split
+            api_button = gr.Button("search_image")
+    outputs = [gallery, result_json, ids]
+    api_button.click(handlers.search_image, [api_image, k], outputs, api_name="search_image", **EVENT_OPTIONS)
+    button.click(shown_in_place(handlers.search_image, ([], None, [])), [query, k], [*outputs, notice],
+                 api_visibility="private", **EVENT_OPTIONS)
+    gallery.select(shown_in_place(handlers.search_from_result, (gr.update(), [], None, [])), [ids, k],
+                   [query, *outputs, notice], api_visibility="private", **EVENT_OPTIONS)
 
 
 def region_tab(handlers: Handlers, settings: Settings) -> None:
@@ -290,6 +319,7 @@ def region_tab(handlers: Handlers, settings: Settings) -> None:
                 gr.Examples([[{"image": example(f), "boxes": [_box_dict(b)]}] for f, b in EXAMPLE_REGIONS],
                             inputs=[drawn], label="Examples (box already drawn)")
             with gr.Column(scale=3):
+                notice = refusal_notice("region-notice")
                 gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=3,
                                      height=540, object_fit="contain", elem_id="region-results")
                 result_json = json_accordion("Results with boxes", "region-json")
@@ -299,7 +329,8 @@ def region_tab(handlers: Handlers, settings: Settings) -> None:
     outputs = [gallery, result_json]
     api_button.click(handlers.search_region, [api_image, *api_box, k, heat], outputs, api_name="search_region",
                      **EVENT_OPTIONS)
-    button.click(handlers.search_region_drawn, [drawn, k, heat], outputs, api_visibility="private", **EVENT_OPTIONS)
+    button.click(shown_in_place(handlers.search_region_drawn, ([], None)), [drawn, k, heat], [*outputs, notice],
+                 api_visibility="private", **EVENT_OPTIONS)
 
 
 def match_tab(handlers: Handlers) -> None:
@@ -315,6 +346,7 @@ def match_tab(handlers: Handlers) -> None:
             button = gr.Button("Match patches", variant="primary", scale=1, elem_id="match-patches")
         gr.Examples([[{"image": example(a), "boxes": []}, example(b)] for a, b in EXAMPLE_PAIRS],
                     inputs=[drawn_a, image_b], label="Example pairs")
+        notice = refusal_notice("match-notice")
         picture = gr.Image(label="Matching patches (red: strongest, blue: weakest)", type="pil",
                            interactive=False, format="jpeg", elem_id="match-picture")
         summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
@@ -325,8 +357,8 @@ def match_tab(handlers: Handlers) -> None:
     outputs = [picture, summary, result_json]
     api_button.click(handlers.match_patches, [api_a, api_b, *api_box, n], outputs, api_name="match_patches",
                      **EVENT_OPTIONS)
-    button.click(handlers.match_patches_drawn, [drawn_a, image_b, n], outputs, api_visibility="private",
-                 **EVENT_OPTIONS)
+    button.click(shown_in_place(handlers.match_patches_drawn, (None, "", None)), [drawn_a, image_b, n],
+                 [*outputs, notice], api_visibility="private", **EVENT_OPTIONS)
 
 
 # --- the app -------------------------------------------------------------------------------------

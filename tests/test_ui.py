@@ -294,12 +294,14 @@ def test_the_page_exposes_exactly_the_three_named_endpoints_with_their_inputs_in
 
 def test_every_engine_event_gets_raw_payloads_in_the_shared_concurrency_group_and_ui_events_stay_private(demo):
     events = {fn.name: fn for fn in demo.fns.values() if fn.name != "load_example"}
-    assert set(events) == PUBLIC | {"search_from_result", "search_region_drawn", "match_patches_drawn"}
+    on_page = {"search_image_on_page", "search_from_result_on_page", "search_region_drawn_on_page",
+               "match_patches_drawn_on_page"}
+    assert set(events) == PUBLIC | on_page
     for name, fn in events.items():
         assert fn.preprocess is False and fn.concurrency_id == "engine", name
         assert (fn.api_name, fn.api_visibility) == ((name, "public") if name in PUBLIC else (name, "private")), name
         assert fn.tracks_progress, name
-    assert events["search_from_result"].collects_event_data
+    assert events["search_from_result_on_page"].collects_event_data
 
 
 def test_the_intro_names_the_model_and_the_match_slider_starts_at_the_engines_default(demo):
@@ -314,3 +316,20 @@ def test_the_intro_names_the_model_and_the_match_slider_starts_at_the_engines_de
 def test_every_example_is_a_bundled_photo():
     names = [*EXAMPLE_QUERIES, *(f for f, _ in EXAMPLE_REGIONS), *(f for pair in EXAMPLE_PAIRS for f in pair)]
     assert all((BUNDLED_COLLECTION / name).is_file() for name in names)
+
+
+def test_a_refusal_on_the_page_is_shown_in_the_results_area_until_the_next_search(engine, uploaded):
+    from dino_demo.ui import shown_in_place
+
+    handlers = Handlers(engine)
+    on_page = shown_in_place(handlers.search_image, ([], None, []))
+    engine.fail = UserError("This image shows a person's face (1 found).")
+    gallery, result_json, ids, notice = on_page(uploaded, 3, progress=quiet)
+    assert (gallery, result_json, ids) == ([], None, [])  # the last results do not linger under the message
+    assert notice["visible"] is True and "This image shows a person's face" in notice["value"]
+    engine.fail = None
+    *shown, notice = on_page(uploaded, 3, progress=quiet)
+    assert shown[0] and notice["visible"] is False  # the next search clears it
+    with pytest.raises(gr.Error, match="person's face"):  # the API's event still raises, as clients expect
+        engine.fail = UserError("This image shows a person's face (1 found).")
+        handlers.search_image(uploaded, 3, progress=quiet)
