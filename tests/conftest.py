@@ -129,3 +129,16 @@ def app_server(tmp_path_factory, tiny_vit):
     demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
     yield f"http://127.0.0.1:{settings.port}/", engine
     demo.close()
+
+
+@pytest.fixture
+def upload_dir():
+    """A folder inside Gradio's upload folder, where an upload through the browser lands."""
+    import uuid
+
+    from gradio import utils as gr_utils
+
+    folder = Path(gr_utils.get_upload_folder()) / f"test-{uuid.uuid4().hex}"
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -35,15 +34,6 @@ def face_photo() -> Path:
     import matplotlib.cbook
 
     return Path(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-
-
-@pytest.fixture
-def upload_dir():
-    """A folder inside Gradio's upload folder, as an upload through the browser would land in."""
-    folder = Path(gr_utils.get_upload_folder()) / f"test-{uuid.uuid4().hex}"
-    folder.mkdir(parents=True)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def call(url: str, endpoint: str, data: list) -> str:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +11,6 @@ import pytest
 from PIL import Image
 
 import gradio as gr
-from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
 
 from dino_demo.backbones import short_name
@@ -81,15 +78,6 @@ class FakeEngine:
     def result_image(self, image_id):
         self.calls.append(("result_image", image_id))
         return tile("green")
-
-
-@pytest.fixture
-def upload_dir():
-    """A folder inside Gradio's upload folder, where a browser's upload lands."""
-    folder = Path(gr_utils.get_upload_folder()) / f"test-ui-{uuid.uuid4().hex}"
-    folder.mkdir(parents=True)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture
