@@ -51,6 +51,7 @@ def open_engine(settings: Settings, progress=None, gate=None):
     with (unless --model says otherwise), or over the bundled collection, indexed once with the default."""
     from dino_demo.engine import Engine, load_embedder
     from dino_demo.index import load_index, read_manifest
+    from dino_demo.live_index import LiveIndex
     from index_builder.locate import build_default_index, locate_index
 
     if settings.index is None:
@@ -60,7 +61,8 @@ def open_engine(settings: Settings, progress=None, gate=None):
     else:
         folder = locate_index(settings.index)
         embedder = load_embedder(settings, read_manifest(folder)["model"])
-    return Engine.from_settings(settings, embedder, load_index(folder, embedder.describe()), gate)
+    model = embedder.describe()
+    return Engine.from_settings(settings, embedder, LiveIndex(load_index(folder, model), model, settings.watch), gate)
 
 
 def start_line(engine, settings: Settings, url: str, share_url: str | None) -> str:

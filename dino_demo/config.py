@@ -46,6 +46,8 @@ class Settings:
                                 shown=f"the one the index was built with; {DEFAULT_MODEL} for the bundled collection")
     index: str | None = setting(None, "index folder or hf://USER/REPO", "DINO_INDEX",
                                 shown="unset: the bundled collection, indexed once")
+    watch: int = setting(2, "seconds between looks at the index folder: an add, remove or compact is served "
+                         "without a restart (0: never look)", "DINO_WATCH", minimum=0)
     k: int = setting(8, "results shown by default", "DINO_K")
     max_k: int = setting(50, "the most results one query may ask for", "DINO_MAX_K")
     device: str = setting("auto", "auto, cpu, cuda or mps", "DINO_DEVICE")

@@ -20,6 +20,7 @@ from .faces import FaceGate, NoFaceGate
 from .geometry import Box, fit_box
 from .images import THUMB_SIDE, ImageSource, load_image
 from .index import Index
+from .live_index import LiveIndex
 from .matching import MATCH_LINES, Matches, match_patches
 from .model import Embedder, Features
 from .search import Hit, SearchError, check_k, search_image, search_region
@@ -116,10 +117,17 @@ class _Timer:
 class Engine:
     """An embedder, an index and a face gate, and the only methods that turn inputs into results."""
 
-    def __init__(self, embedder: Embedder, index: Index, gate: FaceGate | NoFaceGate,
+    def __init__(self, embedder: Embedder, index: Index | LiveIndex, gate: FaceGate | NoFaceGate,
                  max_pixels: int, max_bytes: int, max_k: int = 50):
-        self.embedder, self.index, self.gate = embedder, index, gate
+        self.embedder, self.gate = embedder, gate
+        self.live = index if isinstance(index, LiveIndex) else LiveIndex.fixed(index)
         self.max_pixels, self.max_bytes, self.max_k = max_pixels, max_bytes, max_k
+
+    @property
+    def index(self) -> Index:
+        """The index as it is now. Each request reads this once and uses that one throughout, so a
+        change swapped in meanwhile (LiveIndex) never shows it half of one state and half of another."""
+        return self.live.index
 
     @classmethod
     def from_settings(cls, settings: Settings, embedder: Embedder, index: Index,
@@ -144,30 +152,33 @@ class Engine:
         report(0.4, "Embedding")
         with timer.step("embed"):
             features = self.embedder.embed([image])
-        return self._image_results(features, k, timer, report)
+        return self._image_results(self.index, features, k, timer, report)
 
     def search_similar(self, image_id: int, k: int, progress: Progress | None = None) -> SearchResults:
         """Search from an indexed image (a clicked result) with its stored vector: no upload, no re-embedding."""
-        k, timer = check_k(k, self.max_k), _Timer()
-        if not 0 <= int(image_id) < self.index.count:
-            raise SearchError(f"There is no image {image_id} in this index; pick one of the results shown.")
-        vector = self.index.global_index.reconstruct(int(image_id))[None]  # (1, d)
+        k, timer, index = check_k(k, self.max_k), _Timer(), self.index
+        if isinstance(image_id, float) and image_id.is_integer():
+            image_id = int(image_id)  # JSON clients may send 3.0
+        if not isinstance(image_id, (int, np.integer)) or not index.has(image_id):
+            raise SearchError(f"There is no image {image_id} in this index (it may have been removed); "
+                              "pick one of the results shown.")
+        vector = index.vector(int(image_id))[None]  # (1, d)
         features = Features(vector, np.zeros((1, 0, vector.shape[1]), np.float32), self.embedder.grid,
-                            [self.index.size(int(image_id))])
-        return self._image_results(features, k, timer, progress or _quiet)
+                            [index.size(int(image_id))])
+        return self._image_results(index, features, k, timer, progress or _quiet)
 
-    def _image_results(self, features: Features, k: int, timer: _Timer, report: Progress) -> SearchResults:
+    def _image_results(self, index: Index, features: Features, k: int, timer: _Timer, report: Progress) -> SearchResults:
         report(0.7, "Searching")
         with timer.step("search"):
-            hits = search_image(self.index, features, k)
+            hits = search_image(index, features, k)
         with timer.step("draw"):
-            items = [self._item(hit) for hit in hits]
+            items = [self._item(index, hit) for hit in hits]
         return SearchResults(items, features.sizes[0], None, timer.done())
 
     def search_region(self, source: ImageSource, box, k: int, heat: bool = False,
                       progress: Progress | None = None) -> SearchResults:
         """The k indexed images holding a region most like `box` (x0, y0, x1, y1 in the input's pixels)."""
-        k, timer, report = check_k(k, self.max_k), _Timer(), progress or _quiet
+        k, timer, report, index = check_k(k, self.max_k), _Timer(), progress or _quiet, self.index
         report(0.0, "Checking the image")
         with timer.step("load"):
             image = self.load(source)
@@ -177,9 +188,9 @@ class Engine:
             features = self.embedder.embed([image])
         report(0.7, "Searching regions")
         with timer.step("search"):
-            hits = search_region(self.index, features, box, k, with_heat=heat)
+            hits = search_region(index, features, box, k, with_heat=heat)
         with timer.step("draw"):
-            items = [self._item(hit) for hit in hits]
+            items = [self._item(index, hit) for hit in hits]
         return SearchResults(items, image.size, box, timer.done())
 
     def match(self, source_a: ImageSource, source_b: ImageSource, box=None, n: int = MATCH_LINES,
@@ -203,19 +214,20 @@ class Engine:
             picture = draw.draw_matches(image_a, image_b, matches, n, height=min(draw.MATCH_HEIGHT, max(image_a.height, image_b.height)))
         return MatchResult(picture, matches, min(int(n), len(matches)), timer.done())
 
-    def result_image(self, image_id: int) -> Image.Image:
-        """The stored thumbnail of an indexed image (a grey tile if the index kept none)."""
-        row = self.index.row(int(image_id))
+    def result_image(self, image_id: int, index: Index | None = None) -> Image.Image:
+        """The stored thumbnail of an indexed image (a grey tile if the index kept none); a removed
+        image's is refused (NoSuchImage)."""
+        row = (index or self.index).row(int(image_id))
         if row.get("thumbnail"):
             return Image.open(io.BytesIO(row["thumbnail"])).convert("RGB")
         w, h = row["width"], row["height"]
         scale = THUMB_SIDE / max(w, h)
         return draw.draw_placeholder((max(1, round(w * scale)), max(1, round(h * scale))))
 
-    def _item(self, hit: Hit) -> ResultItem:
-        row = self.index.row(hit.id)
+    def _item(self, index: Index, hit: Hit) -> ResultItem:
+        row = index.row(hit.id)
         size = (int(row["width"]), int(row["height"]))
-        picture = self.result_image(hit.id)
+        picture = self.result_image(hit.id, index)
         if hit.heat is not None:
             picture = draw.draw_heatmap(picture, hit.heat)
         if hit.box is not None:

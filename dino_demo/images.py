@@ -5,6 +5,7 @@ animated files (first frame) and refuses decompression bombs before decoding pix
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -134,6 +135,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def content_hash(image: Image.Image) -> str:
+    """A hash of the decoded pixels: the same picture in another file or format (same pixels) hashes
+    the same, so an exact copy is not indexed twice."""
+    digest = hashlib.blake2b(f"{image.mode} {image.width}x{image.height}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def make_thumbnail(image: Image.Image, max_side: int, quality: int = 80) -> bytes:

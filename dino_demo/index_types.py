@@ -99,6 +99,12 @@ def train_size(spec: IndexSpec, count: int) -> int:
 
 def build_faiss(spec: IndexSpec, dim: int, sample: np.ndarray, batches: Callable[[], Iterable[np.ndarray]]) -> faiss.Index:
     """Train `spec` on `sample` (n, dim) float32, then add `batches` in id order, one at a time."""
+    return fill_faiss(train_faiss(spec, dim, sample), batches())
+
+
+def train_faiss(spec: IndexSpec, dim: int, sample: np.ndarray) -> faiss.Index:
+    """An empty index of `spec`, trained on `sample` (n, dim) float32: the quantiser that later
+    additions reuse (kept in the index folder), so adding images never retrains."""
     index = faiss.index_factory(dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
     if spec.factory.startswith("HNSW"):
         index.hnsw.efConstruction = EF_CONSTRUCTION
@@ -111,7 +117,12 @@ def build_faiss(spec: IndexSpec, dim: int, sample: np.ndarray, batches: Callable
             ivf.cp.niter = 10
             step = max(1, len(sample) // (64 * ivf.nlist))
         index.train(np.ascontiguousarray(sample[::step], dtype=np.float32))
-    for batch in batches():
+    return index
+
+
+def fill_faiss(index: faiss.Index, batches: Iterable[np.ndarray]) -> faiss.Index:
+    """Add `batches` of (n, dim) vectors to a trained `index` in id order, one batch at a time."""
+    for batch in batches:
         index.add(np.ascontiguousarray(batch, dtype=np.float32))
     return index
 

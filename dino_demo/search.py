@@ -63,7 +63,7 @@ def search_region(
     box = fit_box(box, features.sizes[0])
     query = features.patches[0, patches_in(box, features.sizes[0], features.grid)]  # (m, d)
     ranked = _candidates(index, query, per_patch)[: max(candidates, k)]
-    sims = {image_id: query @ image_patches(index, image_id).T for image_id in ranked}  # each (m, slots)
+    sims = {image_id: query @ index.image_patches(image_id).T for image_id in ranked}  # each (m, slots)
     # Exact score of each candidate: mean over query patches of their best similarity in it.
     best = sorted(ranked, key=lambda i: -float(sims[i].max(axis=1).mean()))[:k]
     return [_hit(index, image_id, sims[image_id], with_heat) for image_id in best]
@@ -80,18 +80,10 @@ def _candidates(index: Index, query: np.ndarray, per_patch: int) -> list[int]:
     return images[np.argsort(-best.sum(axis=1), kind="stable")].tolist()
 
 
-def image_patches(index: Index, image_id: int) -> np.ndarray:
-    """(slots, d) stored patch vectors of one indexed image, read back from the patch index
-    (from 8-bit codes in a compressed index: near exact, so the re-ranking is too)."""
-    per_image = index.patches_per_image
-    return index.patch_index.reconstruct_n(image_id * per_image, per_image)
-
-
 def _hit(index: Index, image_id: int, sims: np.ndarray, with_heat: bool) -> Hit:
     """A re-ranked result with its region box (and heat map) from its (m, slots) similarities."""
     grid = index.grid
-    cells = None if index.patch_cells is None else index.patch_cells[image_id]
-    covered = slot_cells(index.layout, grid, cells)  # exact grid cells of each stored slot
+    covered = slot_cells(index.layout, grid, index.cells(image_id))  # exact grid cells of each stored slot
     box = match_box(index.size(image_id), grid, np.concatenate([covered[b] for b in sims.argmax(axis=1)]))
     heat = slots_to_grid(sims.max(axis=0), covered, grid) if with_heat else None
     return Hit(image_id, float(sims.max(axis=1).mean()), box, heat)

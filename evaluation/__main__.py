@@ -133,7 +133,7 @@ def load_eval_set(args: argparse.Namespace, indexes: list[Index]) -> EvalSet:
 def rank_all(eval_set: EvalSet, indexes: list[Index], embedder, searches: list[str], depth: int) -> dict:
     """Source rows of the hits of every query, per (index number, search), best first."""
     rankings = {(i, s): [] for i in range(len(indexes)) for s in searches}
-    rows = [index.meta.column("source_row").to_numpy() for index in indexes]
+    rows = [index.source_rows() for index in indexes]
     images, started, done = eval_set.images(), time.perf_counter(), 0
     while batch := [image for _, image in zip(range(embedder.batch_size), images)]:
         features = embedder.embed(batch)

@@ -12,16 +12,18 @@ from functools import partial
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from dino_demo.config import setting
 from dino_demo.faces import UPRIGHT, FaceGate
-from dino_demo.images import DEFAULT_MAX_PIXELS, THUMB_SIDE, ImageError, load_image, make_thumbnail
+from dino_demo.images import DEFAULT_MAX_PIXELS, THUMB_SIDE, ImageError, content_hash, load_image, make_thumbnail
+from dino_demo.index import MANIFEST, IndexFolderError, load_index, read_manifest
 from dino_demo.index_types import INDEX_TYPES, choose_layout
-from dino_demo.index_writer import Writer
+from dino_demo.index_writer import Writer, hold_lock, now, write_tombstones
 from dino_demo.model import Embedder, prepare_image
 
 from .source import Row, Source
@@ -71,15 +73,31 @@ class Decoded:
     first_row: int = 0
     last_row: int = -1
 
+    def drop_known(self, seen: set[str], blocked: set[str]) -> None:
+        """Leave out images whose pixels are already indexed (or repeated in this batch) and those
+        removed from the index before, counting each; remember the rest."""
+        keep = []
+        for i, meta in enumerate(self.meta):
+            if meta["hash"] in blocked:
+                self.skipped["removed earlier"] += 1
+            elif meta["hash"] in seen:
+                self.skipped["duplicate"] += 1
+            else:
+                seen.add(meta["hash"])
+                keep.append(i)
+        self.pixels = [self.pixels[i] for i in keep]
+        self.meta = [self.meta[i] for i in keep]
+
 
 @dataclass
 class BuildReport:
-    indexed: int
+    indexed: int  # images the index holds (a build) or images added (an add)
     skipped: Counter
     seconds: float
     resumed_from: int  # first source row of this run
     rows_this_run: int
     manifest: dict
+    complete_before: bool = False  # the index was already finished: nothing was done
 
 
 @dataclass
@@ -116,6 +134,7 @@ class Decoder:
             out.meta.append({
                 "source_row": row.index, "width": image.width, "height": image.height, "label": row.label,
                 "thumbnail": make_thumbnail(image, self.thumb_size) if self.thumb_size else None,
+                "hash": content_hash(image),
             })
         return out
 
@@ -162,19 +181,98 @@ def _decoded(batches: Iterator[list[Row]], decoder: Decoder, workers: int) -> It
 
 
 def build_index(source: Source, embedder: Embedder, out_dir: str, options: BuildOptions, progress=None,
-                gate: GateFactory = FaceGate) -> BuildReport:
+                gate: GateFactory = FaceGate, rebuild: bool = False) -> BuildReport:
     """Build (or resume building) the index folder `out_dir` from `source` and return a report.
 
-    `gate` makes the face gate of each decoding process (used when `options.skip_faces`)."""
-    build_info = {
-        "model": embedder.describe(),
-        "source": source.describe(),
-        "skip_faces": options.skip_faces,
-        "turned_faces": options.skip_faces and options.turned_faces,
-        "thumb_size": options.thumb_size,
-        "patches": choose_layout(options.patches, source.num_rows, options.limit).describe(),
-    }
-    writer = Writer(out_dir, build_info)
+    A finished index of the same source is left as it is (the report says so) unless `rebuild`; a
+    rebuild replaces it in one step and keeps its removed images out. `gate` makes the face gate of
+    each decoding process (used when `options.skip_faces`)."""
+    out = Path(out_dir)
+    with hold_lock(out):
+        previous = read_manifest(out) if (out / MANIFEST).is_file() else None
+        described = source.describe()
+        if previous is not None and not rebuild:
+            return _already_built(out, previous, described)
+        build_info = {
+            "model": embedder.describe(),
+            "source": described,
+            "skip_faces": options.skip_faces,
+            "turned_faces": options.skip_faces and options.turned_faces,
+            "thumb_size": options.thumb_size,
+            "index_type": options.index_type,
+            "patches": choose_layout(options.patches, source.num_rows, options.limit).describe(),
+        }
+        keep, blocked = None, set()
+        if previous is not None:  # --rebuild: a new index whose removed images stay out
+            old = load_index(out)
+            build_info["base_generation"] = old.generation
+            blocked = set(old.removed_hashes)
+            name = write_tombstones(out, old.generation + 1, np.full(len(blocked), -1), sorted(blocked))
+            keep = {"removed": name, "removed_count": 0}
+        writer = Writer(out, build_info)
+        run = _embed_rows(source, embedder, writer, options, progress, gate, writer.hashes(), blocked)
+        entry = {"action": "build", "time": now(), "source": 0, "images": writer.stored(),
+                 "skipped": dict(writer.skipped())}
+        manifest = writer.finalize({"history": [entry]}, options.index_type, keep)
+    return BuildReport(manifest["count"], Counter(manifest["skipped"]), run.seconds, run.start, run.rows, manifest)
+
+
+def add_to_index(source: Source, embedder: Embedder, folder: str, options: BuildOptions, progress=None,
+                 gate: GateFactory = FaceGate) -> BuildReport:
+    """Add the rows of `source` to a finished index with its own model, patch layout, face policy and
+    trained quantisers; images already in it (same pixels) or removed from it are skipped and counted."""
+    folder = Path(folder)
+    with hold_lock(folder):
+        index = load_index(folder, embedder.describe())
+        m = index.manifest
+        if index.generation == 0 and m["format_version"] == 1:
+            raise IndexFolderError(f"{folder} is an index of format 1, which cannot grow; rebuild it with "
+                                   "`python -m index_builder --rebuild ...` to add images to it.")
+        sources, described = list(m["sources"]), source.describe()
+        number = sources.index(described) if described in sources else len(sources)
+        sources[number:number + 1] = [described]
+        info = {"action": "add", "model": m["model"], "patches": m.get("patches"), "source": described,
+                "base_generation": index.generation}
+        options = replace(options, skip_faces=m.get("skip_faces", True), thumb_size=m.get("thumb_size", THUMB_SIDE),
+                          turned_faces=m.get("turned_faces", False))
+        writer = Writer(folder, info, number)
+        run = _embed_rows(source, embedder, writer, options, progress, gate,
+                          index.hashes() | writer.hashes(), set(index.removed_hashes))
+        entry = {"action": "add", "time": now(), "source": number, "rows": run.end_row,
+                 "images": writer.stored(), "skipped": dict(writer.skipped())}
+        added = entry["images"]
+        manifest = writer.finalize_addition(index, entry, sources)
+    return BuildReport(added, Counter(entry["skipped"]), run.seconds, run.start, run.rows, manifest)
+
+
+def _already_built(out: Path, manifest: dict, described: dict) -> BuildReport:
+    """A finished index: nothing to do if it is of this source, else refuse to mix or replace silently."""
+    first = (manifest.get("sources") or [manifest.get("source")])[0]
+    if first != described:
+        raise IndexFolderError(
+            f"{out} already holds an index of {_name(first)}. Add {_name(described)} to it with "
+            f"`python -m index_builder add --index {out} --dataset {described['dataset']}`, replace it "
+            f"with --rebuild, or choose another --out.")
+    return BuildReport(manifest["count"], Counter(), 0.0, 0, 0, manifest, complete_before=True)
+
+
+def _name(source: dict | None) -> str:
+    if not source or "dataset" not in source:
+        return "another dataset"
+    return f"{source['dataset']} [{source['split']}]"
+
+
+@dataclass
+class _Run:
+    start: int  # first row this run read
+    rows: int  # rows it read
+    seconds: float
+    end_row: int  # rows [0, end_row) of the source are done
+
+
+def _embed_rows(source: Source, embedder: Embedder, writer: Writer, options: BuildOptions, progress,
+                gate: GateFactory, seen: set[str], blocked: set[str]) -> _Run:
+    """Decode, check, embed and write the rows of `source` that no finished chunk covers."""
     start = writer.resume_row()
     started = time.perf_counter()
     if options.skip_faces and not options.turned_faces:
@@ -184,6 +282,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
     batches = _batches(source.rows(start, options.limit), options.batch_size)
     buffer = _ChunkBuffer(start)
     for decoded in _decoded(batches, decoder, options.workers):
+        decoded.drop_known(seen, blocked)
         if decoded.pixels:
             sizes = [(m["width"], m["height"]) for m in decoded.meta]
             features = embedder.embed_prepared(np.stack(decoded.pixels), sizes)
@@ -195,10 +294,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
         if buffer.count >= options.chunk_size:
             buffer.flush(writer)
     buffer.flush(writer)
-    manifest = writer.finalize({}, options.index_type)
-    seconds = time.perf_counter() - started
-    rows = buffer.row_end - start
-    return BuildReport(manifest["count"], Counter(manifest["skipped"]), seconds, start, rows, manifest)
+    return _Run(start, buffer.row_end - start, time.perf_counter() - started, buffer.row_end)
 
 
 class _ChunkBuffer:

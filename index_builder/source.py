@@ -36,6 +36,9 @@ class Source:
     label_column: str | None
     num_rows: int | None  # None when streaming and unknown
     label_names: list[str] | None  # ClassLabel names, to store words rather than numbers
+    location: str = ""  # hub id as given, or the local path made absolute
+    split: str = "train"
+    revision: str | None = None  # hub revision asked for (a branch, tag or commit), if any
 
     def rows(self, start: int = 0, limit: int | None = None) -> Iterator[Row]:
         """Rows from position `start` up to position `limit` (exclusive), in order."""
@@ -59,7 +62,9 @@ class Source:
         return str(value)
 
     def describe(self) -> dict:
-        return {"image_column": self.image_column, "label_column": self.label_column}
+        """Where the rows come from, as the manifest records it: resuming or adding compares these."""
+        return {"dataset": self.location, "split": self.split, "revision": self.revision,
+                "image_column": self.image_column, "label_column": self.label_column}
 
 
 def open_source(
@@ -68,12 +73,13 @@ def open_source(
     image_column: str | None = None,
     label_column: str | None = None,
     streaming: bool = False,
+    revision: str | None = None,
 ) -> Source:
     """Open `dataset` (hub id 'org/name', a local folder, or a .parquet file / glob) lazily."""
     import datasets
 
     datasets.logging.set_verbosity_error()
-    data = _load(dataset, split, streaming)
+    data = _load(dataset, split, streaming, revision)
     if data.features is None:  # some streaming sources only know their columns after a first row
         data = data._resolve_features()
     features = data.features
@@ -90,10 +96,12 @@ def open_source(
     if label_column and isinstance(features[label_column], datasets.ClassLabel):
         label_names = list(features[label_column].names)
     num_rows = None if streaming else len(data)
-    return Source(data, image_column, label_column, num_rows, label_names)
+    local = Path(dataset).expanduser()
+    location = str(local.resolve()) if local.exists() else dataset
+    return Source(data, image_column, label_column, num_rows, label_names, location, split, revision)
 
 
-def _load(dataset: str, split: str, streaming: bool):
+def _load(dataset: str, split: str, streaming: bool, revision: str | None = None):
     import datasets
 
     path = Path(dataset).expanduser()
@@ -106,11 +114,11 @@ def _load(dataset: str, split: str, streaming: bool):
             raise SourceError(
                 f"{dataset} is neither a local folder or .parquet file nor a hub id like 'org/name'."
             )
-        args, kwargs = (dataset,), {}
+        args, kwargs = (dataset,), {"revision": revision} if revision else {}
         if not hub_reachable():
             try:  # a cached copy needs no network
                 with _offline():
-                    return datasets.load_dataset(dataset, split=split, streaming=streaming)
+                    return datasets.load_dataset(dataset, split=split, streaming=streaming, **kwargs)
             except Exception:
                 raise HubUnreachable(
                     f"Cannot reach the Hugging Face Hub to download dataset '{dataset}'; download it "

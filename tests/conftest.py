@@ -142,3 +142,8 @@ def upload_dir():
     folder.mkdir(parents=True)
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def index_file(folder: Path, name: str) -> Path:
+    """Where a file of a freshly built index lies: the manifest on top, the rest in its one segment."""
+    return folder / name if name == "manifest.json" else folder / "seg-000000" / name

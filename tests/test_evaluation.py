@@ -41,7 +41,7 @@ def figures(report: dict, search: str, index: str | None = None) -> dict:
 
 def brute_force_rows(index, embedder, image) -> list[int]:
     """Source rows of all indexed images, most similar CLS first, by numpy."""
-    stored = index.global_index.reconstruct_n(0, index.count)
+    stored = index.vectors()
     order = np.argsort(-(stored @ embedder.embed([image]).cls[0]), kind="stable")
     return index.meta.column("source_row").to_numpy()[order].tolist()
 

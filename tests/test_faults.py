@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from conftest import ROOT, write_imagefolder
+from conftest import ROOT, index_file, write_imagefolder
 
 from dino_demo.index import GLOBAL, MANIFEST, META, PATCHES, load_index
 from index_builder.__main__ import main as build_main
@@ -33,7 +33,7 @@ def run_cli(*args, log: Path) -> subprocess.Popen:
 
 
 def finished_chunks(out: Path) -> int:
-    return len([p for p in (out / "_build").glob("chunk-*") if p.suffix == ""])
+    return len([p for p in (out / "_build").glob("rows-*") if p.suffix == ""])
 
 
 def cli_args(images: Path, model: Path, out: Path) -> list[str]:
@@ -56,12 +56,16 @@ def assert_same_index(path: Path, reference: Path) -> None:
     assert got.count == want.count == IMAGES
     assert got.meta.column("source_row").to_pylist() == list(range(IMAGES))  # each image exactly once
     assert got.meta.equals(want.meta)  # ids, sizes, labels and thumbnails
-    np.testing.assert_allclose(got.global_index.reconstruct_n(0, got.count),
-                               want.global_index.reconstruct_n(0, want.count), atol=1e-5)
+    np.testing.assert_allclose(got.vectors(),
+                               want.vectors(), atol=1e-5)
     total = want.patch_index.ntotal
     assert got.patch_index.ntotal == total
-    np.testing.assert_allclose(got.patch_index.reconstruct_n(0, total), want.patch_index.reconstruct_n(0, total),
+    np.testing.assert_allclose(all_patches(got), all_patches(want),
                                atol=1e-3)
+
+
+def all_patches(index) -> np.ndarray:
+    return np.concatenate([index.image_patches(int(i)) for i in index.live_ids()])
 
 
 def test_a_build_killed_three_times_at_random_points_ends_with_the_same_index(images, tiny_vit, whole, tmp_path):
@@ -99,7 +103,7 @@ def fill_disk_after(monkeypatch, module, name: str, good_calls: int) -> None:
 
 def finished_vectors(out: Path) -> np.ndarray:
     """The CLS vectors of the build's finished chunks, in order: (n, d) float32."""
-    folders = sorted(p for p in (out / "_build").glob("chunk-*") if p.suffix == "")
+    folders = sorted(p for p in (out / "_build").glob("rows-*") if p.suffix == "")
     return np.concatenate([np.load(folder / "cls.npy") for folder in folders])
 
 
@@ -111,7 +115,7 @@ def test_a_full_disk_while_writing_chunks_keeps_the_finished_ones_and_a_rerun_co
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith("error: No space left on device") and "rerun the same command" in message
     assert finished_chunks(out) == 11 and not (out / MANIFEST).exists()
-    reference = load_index(whole).global_index.reconstruct_n(0, IMAGES)
+    reference = load_index(whole).vectors()
     np.testing.assert_allclose(finished_vectors(out), reference[:11], atol=1e-5)  # the last good state, intact
     monkeypatch.undo()
     assert build_main(cli_args(images, tiny_vit, out)) == 0
@@ -128,7 +132,7 @@ def test_a_full_disk_while_assembling_the_index_leaves_no_half_index_and_a_rerun
     assert finished_chunks(out) == IMAGES and not (out / MANIFEST).exists()
     with pytest.raises(Exception, match="unfinished build"):
         load_index(out)
-    reference = load_index(whole).global_index.reconstruct_n(0, IMAGES)
+    reference = load_index(whole).vectors()
     np.testing.assert_allclose(finished_vectors(out), reference, atol=1e-5)
     monkeypatch.undo()
     assert build_main(cli_args(images, tiny_vit, out)) == 0
@@ -152,8 +156,8 @@ def test_the_app_refuses_to_start_on_a_damaged_index_naming_the_file(whole, tiny
     from app import open_engine
 
     folder = Path(shutil.copytree(whole, tmp_path / "idx"))
-    damage(folder / name)
-    with pytest.raises(Exception, match=str(folder / name).replace(".", r"\.")) as caught:
+    damage(index_file(folder, name))
+    with pytest.raises(Exception, match=str(index_file(folder, name)).replace(".", r"\.")) as caught:
         open_engine(Settings(model=str(tiny_vit), index=str(folder), device="cpu", face_gate=False))
     assert "rebuild" in str(caught.value) or "unfinished build" in str(caught.value) or "not a finished" in str(
         caught.value)

@@ -6,6 +6,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from conftest import index_file
 
 from dino_demo.index import GLOBAL, MANIFEST, META, PATCHES, IndexFolderError, load_index
 from dino_demo.index_writer import Writer
@@ -21,7 +22,8 @@ def unit(rng, *shape):
 
 
 def meta_rows(rows):
-    return [{"source_row": r, "width": 10 + r, "height": 20, "label": f"row {r}", "thumbnail": b"x"} for r in rows]
+    return [{"source_row": r, "width": 10 + r, "height": 20, "label": f"row {r}", "thumbnail": b"x",
+             "hash": f"h{r}"} for r in rows]
 
 
 def write_index(folder, chunks=((0, 3, [0, 2]), (3, 5, [3, 4]))):
@@ -44,11 +46,12 @@ def test_round_trip_keeps_vectors_ids_and_metadata(tmp_path):
     index = load_index(tmp_path / "idx", MODEL)
     assert index.count == 4 and manifest["count"] == 4
     assert manifest["skipped"] == {"unreadable image": 1}
-    np.testing.assert_allclose(index.global_index.reconstruct_n(0, 4), cls)
+    np.testing.assert_allclose(index.vectors(), cls)
     # patches are kept as float16 while building: close, not identical
-    np.testing.assert_allclose(index.patch_index.reconstruct_n(0, 16), patches.reshape(16, 8), atol=1e-3)
+    np.testing.assert_allclose(np.concatenate([index.image_patches(i) for i in range(4)]), patches.reshape(16, 8), atol=1e-3)
     assert [index.row(i)["source_row"] for i in range(4)] == [0, 2, 3, 4]
-    assert index.row(2) == {"id": 2, "source_row": 3, "width": 13, "height": 20, "label": "row 3", "thumbnail": b"x"}
+    assert index.row(2) == {"id": 2, "source_row": 3, "width": 13, "height": 20, "label": "row 3", "thumbnail": b"x",
+                            "source": 0, "hash": "h3"}
     assert index.size(1) == (12, 20)
     assert not (tmp_path / "idx" / "_build").exists()
 
@@ -56,9 +59,9 @@ def test_round_trip_keeps_vectors_ids_and_metadata(tmp_path):
 def test_manifest_records_model_source_and_factories(tmp_path):
     write_index(tmp_path / "idx")
     manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
-    assert manifest["model"] == MODEL and manifest["source"] == INFO["source"]
+    assert manifest["model"] == MODEL and manifest["sources"] == [INFO["source"]]
     assert manifest["global_factory"] == "Flat" and manifest["patches_per_image"] == 4
-    assert manifest["note"] == "test" and manifest["format_version"] == 1
+    assert manifest["note"] == "test" and manifest["format_version"] == 2
 
 
 def test_a_local_folder_of_the_same_model_is_accepted(tmp_path):
@@ -90,7 +93,7 @@ def test_other_format_version_is_refused(tmp_path):
 @pytest.mark.parametrize("name", [GLOBAL, PATCHES, META, MANIFEST])
 def test_a_missing_file_is_named(tmp_path, name):
     write_index(tmp_path / "idx")
-    (tmp_path / "idx" / name).unlink()
+    index_file(tmp_path / "idx", name).unlink()
     with pytest.raises(IndexFolderError, match=name.replace(".", r"\.")):
         load_index(tmp_path / "idx")
 
@@ -98,7 +101,7 @@ def test_a_missing_file_is_named(tmp_path, name):
 @pytest.mark.parametrize("name", [GLOBAL, PATCHES, META, MANIFEST])
 def test_a_truncated_file_is_named(tmp_path, name):
     write_index(tmp_path / "idx")
-    path = tmp_path / "idx" / name
+    path = index_file(tmp_path / "idx", name)
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(IndexFolderError, match=name.replace(".", r"\.")):
         load_index(tmp_path / "idx")
@@ -187,12 +190,12 @@ def test_a_resumed_compressed_build_records_its_factory_and_search_parameters(co
     assert m["global_factory"] == "HNSW32,SQ8" and m["patch_factory"] == "IVF128_HNSW32,PQ2x4,Refine(SQ8)"
     assert m["global_search"] == "efSearch=128"
     assert m["patch_search"] == "nprobe=8,quantizer_efSearch=16,k_factor_rf=1"
-    assert faiss.downcast_index(index.global_index).hnsw.efSearch == 128  # applied on opening
-    assert faiss.extract_index_ivf(index.patch_index).nprobe == 8
+    assert faiss.downcast_index(index.segments[0].global_index).hnsw.efSearch == 128  # applied on opening
+    assert faiss.extract_index_ivf(index.segments[0].patch_index).nprobe == 8
     assert index.count == 2000 and index.patch_index.ntotal == 8000
     assert [index.row(i)["source_row"] for i in (0, 999, 1000, 1999)] == [0, 999, 1000, 1999]
     # re-ranking reads 8-bit codes back: near the exact vectors
-    np.testing.assert_allclose(index.global_index.reconstruct_n(0, 2000), cls, atol=0.02)
+    np.testing.assert_allclose(index.vectors(), cls, atol=0.02)
 
 
 def test_compressed_search_finds_each_image_first_and_agrees_with_exact_search(compressed):
@@ -234,5 +237,5 @@ def test_every_chunk_file_and_index_file_is_on_disk_before_its_rename(tmp_path, 
     monkeypatch.setattr(os, "replace", replace)
     write_index(tmp_path / "idx")
     assert {"info.json", "cls.npy", "patches.npy", "meta.parquet"} <= set(synced)
-    for name in (GLOBAL, PATCHES, META, MANIFEST):
-        assert any(s.startswith(f".{name}.tmp") for s in synced), name
+    assert {GLOBAL, PATCHES, META} <= set(synced)  # in the segment folder, before its rename
+    assert any(s.startswith(f".{MANIFEST}.tmp") for s in synced)

@@ -131,8 +131,8 @@ def test_pooled_region_search_finds_the_image_and_boxes_the_pooled_block(tmp_pat
 def test_salient_region_search_finds_the_image_and_boxes_the_kept_cell(tmp_path, vectors):
     cls, patches = vectors
     index = reduced_index(tmp_path / "idx", vectors, {"mode": "salient", "keep": 4})
-    assert index.patches_per_image == 4 and index.patch_cells.shape == (COUNT, 4)
-    cell = int(index.patch_cells[5][1])  # a patch image 5 kept
+    assert index.patches_per_image == 4 and index.segments[0].cells.shape == (COUNT, 4)
+    cell = int(index.cells(5)[1])  # a patch image 5 kept
     r, c = divmod(cell, GRID[1])
     box = (c * 16 + 4, r * 16 + 4, c * 16 + 12, r * 16 + 12)  # inside that patch of a 64x64 query
     hits = search_region(index, query(cls[5], patches[5]), box, k=3)
