@@ -126,9 +126,12 @@ def option_name(f: Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, options_class) -> None:
-    """One command-line option per field of the dataclass `options_class`, unset (None) unless given."""
+def add_arguments(parser: argparse.ArgumentParser, options_class, only: tuple[str, ...] | None = None) -> None:
+    """One command-line option per field of the dataclass `options_class` (or the fields named in
+    `only`), unset (None) unless given."""
     for f in fields(options_class):
+        if only is not None and f.name not in only:
+            continue
         meta, flag = f.metadata, option_name(f)
         text = f"{meta.get('help', '')} (default: {shown_default(f)}"
         text += f"; env {meta['env']})" if meta.get("env") else ")"

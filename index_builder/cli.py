@@ -1,0 +1,51 @@
+"""What the builder's commands share: where images come from, how a run goes, its progress bar."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from .build import BuildOptions
+
+RUN_OPTIONS = ("batch_size", "workers", "chunk_size", "limit", "max_pixels")  # how an add runs; the rest is the index's
+
+
+def add_source_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """Where images come from: the same options for a build and an add."""
+    p.add_argument("--dataset", required=required, help="hub id ORG/NAME, a local image or parquet folder, or a .parquet file")
+    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument("--revision", help="hub dataset revision: a branch, tag or commit (default: the latest)")
+    p.add_argument("--image-column", help="column holding the images (default: the first image column)")
+    p.add_argument("--label-column", help="column with a label or caption to show (default: label/caption if present)")
+    p.add_argument("--streaming", action="store_true", help="read the dataset as a stream instead of downloading it first")
+
+
+def run_options(args: argparse.Namespace, device: str) -> BuildOptions:
+    """BuildOptions from the options given, with the device's batch size unless one was given."""
+    from .build import default_batch_size
+
+    given = {f.name: getattr(args, f.name) for f in fields(BuildOptions) if getattr(args, f.name, None) is not None}
+    return BuildOptions(**{"batch_size": default_batch_size(device), **given})
+
+
+def progress_bar(total: int | None, desc: str):
+    """A tqdm bar and the callback that moves it by decoded batches (starting where a resumed run stopped)."""
+    from tqdm import tqdm
+
+    bar, skipped = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True), {}
+
+    def progress(decoded) -> None:
+        if bar.n == 0 and decoded.first_row > 0:  # resumed: start where earlier runs stopped
+            bar.n = bar.last_print_n = decoded.first_row
+        for reason, n in decoded.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        bar.update(decoded.last_row + 1 - bar.n)
+        if skipped:
+            bar.set_postfix(skipped=sum(skipped.values()))
+
+    return bar, progress
+
+
+def print_skipped(skipped) -> None:
+    if skipped:
+        print("skipped: " + ", ".join(f"{n} {r}" for r, n in skipped.most_common()), file=sys.stderr)
