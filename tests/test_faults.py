@@ -170,3 +170,134 @@ def test_the_app_refuses_to_start_on_an_index_for_another_model(whole, tiny_dino
     with pytest.raises(Exception, match=f"The index at {whole} was built with .*tiny-dino-vit") as caught:
         open_engine(Settings(model=str(tiny_dinov2), index=str(whole), device="cpu", face_gate=False))
     assert "--model" in str(caught.value)
+
+
+# --- a living index: add, remove and compact killed at random points, a full disk, two writers -------------
+
+def state(folder: Path) -> tuple:
+    """An index folder's state: the ids, vectors and metadata a search sees, and the ids each segment stores."""
+    index = load_index(folder)
+    return (index.live_ids().tolist(), index.vectors().round(4).tobytes(), index.meta.drop(["source"]).to_pylist(),
+            [s.ids.tolist() for s in index.segments])
+
+
+@pytest.fixture(scope="module")
+def extra_images(tmp_path_factory) -> Path:
+    """Ten new pictures (other seeds than the first collection's)."""
+    folder = tmp_path_factory.mktemp("extra") / "images"
+    folder.mkdir()
+    from conftest import make_image
+
+    for seed in range(500, 510):
+        make_image(seed).save(folder / f"new{seed}.png")
+    return folder
+
+
+CHANGES = {  # command -> its arguments after the index folder
+    "add": lambda extra: ["add", "--index", "{index}", "--dataset", str(extra), "--workers", "0", "--batch-size", "1",
+                          "--chunk-size", "1", "--device", "cpu"],
+    "remove": lambda extra: ["remove", "--index", "{index}", "--ids", "1,4,7", "--where", "label=picture 9"],
+    "compact": lambda extra: ["compact", "--index", "{index}"],
+}
+
+
+def prepared(kind: str, whole: Path, extra: Path, folder: Path) -> Path:
+    """A copy of the finished index, ready for `kind` (compact has removed images to drop)."""
+    shutil.copytree(whole, folder)
+    if kind == "compact":
+        assert build_main(["remove", "--index", str(folder), "--ids", "0,5,6"]) == 0
+        assert build_main(CHANGES["add"](extra)[:1] + [a.replace("{index}", str(folder)) for a in CHANGES["add"](extra)[1:]]) == 0
+    return folder
+
+
+def command(kind: str, extra: Path, folder: Path) -> list[str]:
+    return [a.replace("{index}", str(folder)) for a in CHANGES[kind](extra)]
+
+
+@pytest.mark.parametrize("kind", ["add", "remove", "compact"])
+def test_a_change_killed_at_three_random_points_leaves_the_state_before_or_after_and_a_rerun_completes(
+        kind, whole, extra_images, tmp_path):
+    reference = prepared(kind, whole, extra_images, tmp_path / "reference")
+    before = state(reference)
+    started = time.perf_counter()
+    assert run_cli(*command(kind, extra_images, reference), log=tmp_path / "reference.log").wait(timeout=300) == 0
+    took, after = time.perf_counter() - started, state(reference)
+    assert before != after
+    seed = int(time.time())
+    folder = prepared(kind, whole, extra_images, tmp_path / "idx")
+    outcomes = []
+    for delay in sorted(np.random.default_rng(seed).uniform(0.2 * took, 1.1 * took, 3)):
+        process = run_cli(*command(kind, extra_images, folder), log=tmp_path / f"kill-{delay:.2f}.log")
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+        now = state(folder)  # opens, and is one whole state
+        assert now in (before, after), f"seed {seed}: a mix after a kill at {delay:.2f}s of {took:.2f}s"
+        outcomes.append("after" if now == after else "before")
+    rerun = run_cli(*command(kind, extra_images, folder), log=tmp_path / "rerun.log")
+    assert rerun.wait(timeout=300) == 0, (tmp_path / "rerun.log").read_text()
+    assert state(folder) == after, f"seed {seed}: outcomes {outcomes}"
+
+
+@pytest.mark.parametrize("kind", ["add", "remove", "compact"])
+def test_a_crash_at_any_rename_or_flush_of_a_change_leaves_the_state_before_or_after(
+        kind, whole, extra_images, tmp_path, monkeypatch):
+    """Every step that makes a change durable (each rename and each fsync) is a point where a crash
+    may fall: stop at each in turn and check the folder."""
+    import os as os_module
+
+    from dino_demo import atomic
+
+    reference = prepared(kind, whole, extra_images, tmp_path / "reference")
+    before = state(reference)
+    steps = []
+    real_replace, real_fsync = os_module.replace, atomic.fsync
+    monkeypatch.setattr(os_module, "replace", lambda *a: steps.append(1) or real_replace(*a))
+    assert build_main(command(kind, extra_images, reference)) == 0
+    after, total = state(reference), len(steps)
+    assert total >= 2
+    for crash_at in range(total):
+        folder = prepared(kind, whole, extra_images, tmp_path / f"crash-{crash_at}")
+        calls = []
+
+        def replace(*args):
+            calls.append(1)
+            if len(calls) > crash_at:
+                raise SystemExit(f"crashed at rename {crash_at}")
+            return real_replace(*args)
+
+        monkeypatch.setattr(os_module, "replace", replace)
+        with pytest.raises(SystemExit):
+            build_main(command(kind, extra_images, folder))
+        monkeypatch.setattr(os_module, "replace", real_replace)
+        assert state(folder) in (before, after), f"a mix after a crash at rename {crash_at} of {total}"
+        assert build_main(command(kind, extra_images, folder)) == 0
+        assert state(folder) == after
+
+
+def test_a_full_disk_during_an_add_stops_it_clearly_and_the_index_opens_as_before(
+        whole, extra_images, tmp_path, monkeypatch, capsys):
+    folder = prepared("add", whole, extra_images, tmp_path / "idx")
+    before = state(folder)
+    fill_disk_after(monkeypatch, faiss, "write_index", good_calls=1)  # the new segment's image index, not its patches
+    assert build_main(command("add", extra_images, folder)) == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: No space left on device") and "rerun the same command" in message
+    assert state(folder) == before
+    monkeypatch.undo()
+    assert build_main(command("add", extra_images, folder)) == 0
+    assert load_index(folder).count == IMAGES + 10
+
+
+def test_a_second_writer_is_refused_with_a_clear_message(whole, extra_images, tmp_path, capsys):
+    from dino_demo.index_writer import hold_lock
+
+    folder = prepared("add", whole, extra_images, tmp_path / "idx")
+    before = state(folder)
+    with hold_lock(folder):
+        for kind in ("add", "remove", "compact"):
+            assert build_main(command(kind, extra_images, folder)) == 2
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert err.startswith("error: ") and "is being changed by process" in err and "wait for it" in err
+        assert build_main(cli_args(extra_images, Path("unused"), folder) + ["--rebuild"]) == 2
+    assert state(folder) == before
