@@ -82,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.out} is already a complete index of {args.dataset} ({report.indexed} images): nothing to do. "
               f"New images? `python -m index_builder add --index {args.out} --dataset ...`; start over: --rebuild.",
               file=sys.stderr)
-        return 0
-    rate = (report.rows_this_run / report.seconds) if report.seconds else 0.0
-    resumed = f", resumed at row {report.resumed_from}" if report.resumed_from else ""
-    print(f"indexed {report.indexed} images into {args.out} in {report.seconds:.1f}s "
-          f"({rate:.1f} images/s this run{resumed})", file=sys.stderr)
-    print_skipped(report.skipped)
+    else:
+        rate = (report.rows_this_run / report.seconds) if report.seconds else 0.0
+        resumed = f", resumed at row {report.resumed_from}" if report.resumed_from else ""
+        print(f"indexed {report.indexed} images into {args.out} in {report.seconds:.1f}s "
+              f"({rate:.1f} images/s this run{resumed})", file=sys.stderr)
+        print_skipped(report.skipped)
     if args.push_to_hub:
         from .hub_upload import upload_index
         print(f"uploaded to {upload_index(args.out, args.push_to_hub)}", file=sys.stderr)

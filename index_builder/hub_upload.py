@@ -7,6 +7,8 @@ from dino_demo.errors import HubUnreachable, UserError
 from dino_demo.hub import hub_reachable
 from dino_demo.index import BUILD_DIR, MANIFEST
 
+INDEX_FILES = [MANIFEST, "seg-*/**", "trained-*", "removed-*", "*.faiss", "*.parquet", "*.npy"]
+
 
 def upload_index(folder: str | Path, repo: str, private: bool = False) -> str:
     """Create (if needed) the dataset repo `repo` and upload the index files; returns the repo's URL."""
@@ -25,5 +27,7 @@ def upload_index(folder: str | Path, repo: str, private: bool = False) -> str:
     api.create_repo(repo, repo_type="dataset", private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo, repo_type="dataset",
                       ignore_patterns=[f"{BUILD_DIR}/**", ".*"],  # scratch chunks and temp files stay local
+                      # an earlier upload's index files go: a removed image must not stay readable on the Hub
+                      delete_patterns=INDEX_FILES,
                       commit_message="Upload DINO image index")
     return f"https://huggingface.co/datasets/{repo}"

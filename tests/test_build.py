@@ -176,6 +176,7 @@ def test_push_to_hub_uploads_the_finished_files_only(monkeypatch, tmp_path, embe
     upload = calls[1][1]
     assert upload["folder_path"] == str(tmp_path / "idx") and upload["repo_type"] == "dataset"
     assert "_build/**" in upload["ignore_patterns"]
+    assert {"seg-*/**", "removed-*", "manifest.json"} <= set(upload["delete_patterns"])  # no stale segment stays up
 
 
 def test_salient_patches_from_the_builder_find_each_image_with_a_box_inside_it(image_folder, embedder, tmp_path):
