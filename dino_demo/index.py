@@ -191,9 +191,17 @@ class Index:
 
     def image_patches(self, image_id: int) -> np.ndarray:
         """(slots, d) the stored patch vectors of one image (from 8-bit codes in a compressed index)."""
-        segment, local = self._locate(image_id)
-        per_image = self.patches_per_image
-        return segment.patch_index.reconstruct_n(local * per_image, per_image)
+        return self.patches_of([image_id])[0]
+
+    def patches_of(self, image_ids) -> np.ndarray:
+        """(n, slots, d) stored patch vectors of several images, read with one call per segment."""
+        per_image, positions = self.patches_per_image, [self._locate(i) for i in image_ids]
+        out = np.empty((len(positions), per_image, self.global_index.d), np.float32)
+        for segment in {id(s): s for s, _ in positions}.values():
+            rows = [j for j, (s, _) in enumerate(positions) if s is segment]
+            keys = (np.array([positions[j][1] for j in rows])[:, None] * per_image + np.arange(per_image)).ravel()
+            out[rows] = segment.patch_index.reconstruct_batch(keys.astype(np.int64)).reshape(len(rows), per_image, -1)
+        return out
 
     def cells(self, image_id: int) -> np.ndarray | None:
         """(slots,) grid cell of each stored salient patch; None for the other layouts."""

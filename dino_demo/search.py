@@ -63,10 +63,12 @@ def search_region(
     box = fit_box(box, features.sizes[0])
     query = features.patches[0, patches_in(box, features.sizes[0], features.grid)]  # (m, d)
     ranked = _candidates(index, query, per_patch)[: max(candidates, k)]
-    sims = {image_id: query @ index.image_patches(image_id).T for image_id in ranked}  # each (m, slots)
+    if not ranked:
+        return []
+    sims = np.einsum("md,csd->cms", query, index.patches_of(ranked))  # (candidates, m, slots)
     # Exact score of each candidate: mean over query patches of their best similarity in it.
-    best = sorted(ranked, key=lambda i: -float(sims[i].max(axis=1).mean()))[:k]
-    return [_hit(index, image_id, sims[image_id], with_heat) for image_id in best]
+    best = np.argsort(-sims.max(axis=2).mean(axis=1), kind="stable")[:k]
+    return [_hit(index, ranked[i], sims[i], with_heat) for i in best]
 
 
 def _candidates(index: Index, query: np.ndarray, per_patch: int) -> list[int]:
