@@ -202,6 +202,10 @@ class Handlers:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    def intro_on_page(self) -> str:
+        """The page's header as the index is now (images added or removed since the app started)."""
+        return intro(self.engine)
+
     @user_errors
     def search_image(self, image: Any, k: Any, progress: gr.Progress = gr.Progress()) -> tuple:
         results = self.engine.search_image(image_path(image), whole_number(k, "number of results"), reporter(progress))
@@ -376,10 +380,12 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
     # upload_lifetime (checked every quarter of it), and all of them when the server stops.
     lifetime = settings.upload_lifetime
     with gr.Blocks(title="DINO image search", delete_cache=(max(1, lifetime // 4), lifetime)) as demo:
-        gr.Markdown(intro(engine), elem_id="intro")
+        header = gr.Markdown(intro(engine), elem_id="intro")
         image_tab(handlers, settings)
         region_tab(handlers, settings)
         match_tab(handlers)
+        # The index may change while the app runs (LiveIndex): each page load shows its count now.
+        demo.load(handlers.intro_on_page, None, header, api_visibility="private", queue=False)
     return demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 
 

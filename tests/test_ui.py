@@ -281,7 +281,7 @@ def test_the_page_exposes_exactly_the_three_named_endpoints_with_their_inputs_in
 
 
 def test_every_engine_event_gets_raw_payloads_in_the_shared_concurrency_group_and_ui_events_stay_private(demo):
-    events = {fn.name: fn for fn in demo.fns.values() if fn.name != "load_example"}
+    events = {fn.name: fn for fn in demo.fns.values() if fn.name not in ("load_example", "intro_on_page")}
     on_page = {"search_image_on_page", "search_from_result_on_page", "search_region_drawn_on_page",
                "match_patches_drawn_on_page"}
     assert set(events) == PUBLIC | on_page
@@ -290,6 +290,15 @@ def test_every_engine_event_gets_raw_payloads_in_the_shared_concurrency_group_an
         assert (fn.api_name, fn.api_visibility) == ((name, "public") if name in PUBLIC else (name, "private")), name
         assert fn.tracks_progress, name
     assert events["search_from_result_on_page"].collects_event_data
+
+
+def test_each_page_load_shows_the_number_of_images_the_index_holds_now(demo):
+    load = next(fn for fn in demo.fns.values() if fn.name == "intro_on_page")
+    assert load.api_visibility == "private" and not load.queue
+    engine = load.fn.__self__.engine
+    engine.index.count = 5  # images added while the app runs
+    assert "**5 indexed images**" in load.fn()
+    engine.index.count = 3
 
 
 def test_the_intro_names_the_model_and_the_match_slider_starts_at_the_engines_default(demo):
