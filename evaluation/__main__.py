@@ -16,7 +16,7 @@ from dino_demo.errors import UserError
 from dino_demo.index import Index, load_index
 from dino_demo.search import MAX_RESULTS, SearchError, check_k, search_image, search_region
 
-from .copies import TRANSFORMS
+from dino_demo.copies import TRANSFORMS
 from .metrics import Summary
 from .sets import EvalSet, centre_box, load_copies, load_given_copies, load_labelled, load_revisited
 

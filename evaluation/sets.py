@@ -20,7 +20,7 @@ from dino_demo.images import load_image
 from dino_demo.index import Index
 from index_builder.source import SourceError, open_source
 
-from .copies import TRANSFORMS, make_copies
+from dino_demo.copies import TRANSFORMS, make_copies
 from .metrics import RevisitedTruth, Summary, revisited_map, summarise
 
 PRECISION_KS = (1, 5, 10)

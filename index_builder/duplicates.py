@@ -1,7 +1,10 @@
-"""`python -m index_builder duplicates --index DIR [--threshold T] [--neighbours N] [--json FILE]`.
+"""`python -m index_builder duplicates --index DIR [--threshold auto|T] [--sample N] [--neighbours N] [--json FILE]`.
 
 Lists groups of near-duplicate images (crops, rescales, re-encodes, colour changes of one picture)
 by the cosine similarity of their global vectors; exact copies were already refused when added.
+The default threshold, auto, is calibrated on the index itself with its own model: copies of a
+sample of its images, made by the copy-detection edits of dino_demo/copies.py, must each be closer
+to no other image than the threshold (dino_demo.duplicates.calibrate_threshold).
 """
 from __future__ import annotations
 
@@ -10,14 +13,20 @@ import json
 import sys
 from pathlib import Path
 
-# NOT calibrated on DINO features: no DINO checkpoint could be loaded where this was written (no hub),
-# so this is a conservative guess that favours precision (strong crops may fall below it).
-# Calibrate it for your model with `python benchmarks/duplicates.py --model DIR` (benchmarks/RESULTS.md,
-# "Near-duplicate threshold"), which prints the threshold that keeps precision 1.0 with the best recall.
-DEFAULT_THRESHOLD = 0.9
+DEFAULT_SAMPLE = 50  # images copied to calibrate: x 9 edits, 450 embeddings (ViT-S/16 on 2 CPU cores: a minute)
 DEFAULT_NEIGHBOURS = 20
 PROGRESS_FROM = 5_000  # images: smaller indexes are searched in a blink, a bar would only flicker
 SHOWN_PER_GROUP = 20  # members printed per group on stdout; --json has them all
+
+
+def parse_threshold(text: str) -> float | None:
+    """'auto' (None: calibrate on the index) or a cosine."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto or a cosine between -1 and 1") from None
 
 
 def build_parser(command: str = "duplicates") -> argparse.ArgumentParser:
@@ -27,41 +36,123 @@ def build_parser(command: str = "duplicates") -> argparse.ArgumentParser:
         "rescales, JPEG re-encodes, colour changes), found by the cosine similarity of their global vectors. "
         "Remove the extras with `python -m index_builder remove --index DIR --ids ...`.")
     p.add_argument("--index", required=True, help="the index folder to search for near duplicates")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"least cosine similarity of two near duplicates (default {DEFAULT_THRESHOLD}: not "
-                   "calibrated on DINO features; benchmarks/duplicates.py measures one for your model)")
+    p.add_argument("--threshold", type=parse_threshold, default=None, metavar="auto|T",
+                   help="least cosine similarity of two near duplicates. auto (the default): calibrated on this "
+                   "index with its model, just above the closest that edited copies of --sample of its images come "
+                   "to any other image; needs the model and stored thumbnails, and about a minute on a CPU. "
+                   "A number skips that")
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE,
+                   help=f"images copied to calibrate --threshold auto (default {DEFAULT_SAMPLE}); more: slower, a "
+                   "threshold that has seen more close pairs")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the calibration's sample and edits (default 0)")
+    p.add_argument("--model", help="for --threshold auto: a local copy of the index's model (default: the index's "
+                   "own, by hub id)")
+    p.add_argument("--device", default="auto",
+                   help="for --threshold auto: cuda, mps or cpu (default: the best there is)")
     p.add_argument("--neighbours", type=int, default=DEFAULT_NEIGHBOURS,
                    help=f"nearest images each image looks at (default {DEFAULT_NEIGHBOURS}); bigger groups are "
                    "still joined through chains of pairs")
-    p.add_argument("--json", metavar="FILE", help="also write the groups to FILE: ids, labels, source rows, scores")
+    p.add_argument("--json", metavar="FILE", help="also write the groups to FILE: ids, labels, source rows, scores, "
+                   "and the threshold with how it was chosen")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from dino_demo.duplicates import check_settings, find_duplicate_groups
+    from dino_demo.duplicates import check_settings
     from dino_demo.index import load_index
 
     check_settings(args.threshold, args.neighbours)  # before opening a big index
     index = load_index(args.index)
-    groups = _find(index, args.threshold, args.neighbours, find_duplicate_groups)
+    calibration = calibrate(index, args) if args.threshold is None else None  # printed as it is chosen
+    threshold = args.threshold if calibration is None else calibration.threshold
+    groups = _find(index, threshold, args.neighbours)
     described = describe_groups(index, groups)
-    print_groups(described, index.count, args.threshold)
+    print_groups(described, index.count, threshold)
     if args.json:
-        payload = {"index": str(args.index), "threshold": args.threshold, "neighbours": args.neighbours,
-                   "images_searched": index.count, "groups": described}
+        payload = {"index": str(args.index), "threshold": threshold,
+                   "threshold_from": "given" if calibration is None else "calibrated",
+                   "calibration": None if calibration is None else calibration.to_dict(),
+                   "neighbours": args.neighbours, "images_searched": index.count, "groups": described}
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
         print(f"wrote {len(described)} groups to {args.json}", file=sys.stderr)
     return 0
 
 
-def _find(index, threshold: float, neighbours: int, find) -> list:
+def calibrate(index, args: argparse.Namespace):
+    """The threshold calibrated on this index with its own model (dino_demo.duplicates.calibrate_threshold),
+    printed with the figures it was chosen from."""
+    from tqdm import tqdm
+
+    from dino_demo.duplicates import calibrate_threshold, check_calibration
+
+    check_calibration(index, args.sample)  # before loading a model for seconds
+    embedder = load_embedder(index, args.model, args.device)
+    images = min(args.sample, index.count)
+    print(f"calibrating the threshold: copies of {images} images of {args.index}, embedded with {embedder.model_id} "
+          f"on {embedder.device} (give --threshold a number to skip this)", file=sys.stderr)
+    with tqdm(total=images, unit="img", desc="calibrating", dynamic_ncols=True) as bar:
+        calibration = calibrate_threshold(index, lambda batch: embedder.embed(batch).cls, copy_maker(), args.sample,
+                                          args.seed, lambda done, total: bar.update(done - bar.n))
+    print_calibration(calibration)
+    return calibration
+
+
+def load_embedder(index, model: str | None, device: str):
+    """The index's own model (or the local copy given), refused if its vectors would not match the index's."""
+    from dino_demo.errors import UserError
+    from dino_demo.index import check_model
+    from dino_demo.model import Embedder, pick_device
+
+    built = index.manifest["model"]
+    try:
+        embedder = Embedder.for_index(built, model, built["input_size"], device=pick_device(device))
+    except UserError as e:
+        raise type(e)(f"{e} Or give --threshold a cosine instead of auto, which embeds copies of the index's images "
+                      "with its model.") from None
+    check_model(index.manifest, embedder.describe(), index.path)
+    return embedder
+
+
+def copy_maker():
+    """The copy-detection edits (dino_demo/copies.py, shared with the evaluation), in the form the core's
+    calibration takes. All but "exact": an index refuses exact copies by content hash."""
+    from dino_demo.copies import TRANSFORMS, make_copies
+
+    names = [name for name in TRANSFORMS if name != "exact"]
+    return lambda image, seed: [(c.transform, c.image) for c in make_copies(image, seed, names)]
+
+
+def print_calibration(calibration) -> None:
+    """How the threshold was chosen: one line, then each edit's cosine to its original, then the closest miss."""
+    figures = calibration.by_transform()
+    below = [name for name, f in figures.items() if f["median"] < calibration.threshold]
+    why = f"; {', '.join(below)} copies mostly fall below" if below else ""
+    print(f"threshold {calibration.threshold:.3f}, calibrated on {calibration.images} images x {len(figures)} copy "
+          f"kinds of this index (recall {calibration.recall:.2f} of the copies{why})")
+    print("  each edit's copies: cosine to their original (median, lowest), share at or above the threshold")
+    print(f"  {'edit':<10} {'median':>7} {'lowest':>7} {'recall':>7}")
+    for name, f in figures.items():
+        print(f"  {name:<10} {f['median']:7.3f} {f['min']:7.3f} {f['recall']:7.2f}")
+    closest = calibration.to_dict()["closest_copy_to_other"]
+    a, b = closest["original"], closest["other"]
+    if calibration.floored:
+        rule = f"under the floor {calibration.threshold:g}, which is used instead"
+    else:  # the method cannot tell a near duplicate already in the index from an unrelated image
+        rule = f"the threshold is the next step above it (if ids {a} and {b} are one picture, give a lower --threshold)"
+    print(f"  closest copy to another image: {closest['cosine']:.4f}, a {closest['transform']} copy of id {a} "
+          f"vs id {b}; {rule}")
+
+
+def _find(index, threshold: float, neighbours: int) -> list:
     """The groups, with a progress bar on stderr when the index is large enough to wait for."""
+    from dino_demo.duplicates import find_duplicate_groups
+
     if index.count < PROGRESS_FROM:
-        return find(index, threshold, neighbours)
+        return find_duplicate_groups(index, threshold, neighbours)
     from tqdm import tqdm
 
     with tqdm(total=index.count, unit="img", desc="comparing", dynamic_ncols=True) as bar:
-        return find(index, threshold, neighbours, lambda done, total: bar.update(done - bar.n))
+        return find_duplicate_groups(index, threshold, neighbours, lambda done, total: bar.update(done - bar.n))
 
 
 def describe_groups(index, groups) -> list[dict]:

@@ -15,7 +15,7 @@ from dino_demo.images import load_image
 from dino_demo.index import load_index
 from dino_demo.search import MAX_RESULTS, search_region
 from evaluation.__main__ import main
-from evaluation.copies import TRANSFORMS, make_copies
+from dino_demo.copies import TRANSFORMS, make_copies
 from evaluation.metrics import RevisitedTruth, revisited_map, summarise
 from evaluation.sets import load_copies
 from index_builder.build import BuildOptions, build_index

@@ -2,7 +2,7 @@ import numpy as np
 from PIL import ImageOps
 
 from conftest import make_image
-from evaluation.copies import TRANSFORMS, make_copies
+from dino_demo.copies import TRANSFORMS, make_copies
 
 
 def test_every_transform_makes_a_changed_rgb_copy_except_exact():
