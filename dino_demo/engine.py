@@ -217,22 +217,26 @@ class Engine:
     def result_image(self, image_id: int, index: Index | None = None) -> Image.Image:
         """The stored thumbnail of an indexed image (a grey tile if the index kept none); a removed
         image's is refused (NoSuchImage)."""
-        row = (index or self.index).row(int(image_id))
-        if row.get("thumbnail"):
-            return Image.open(io.BytesIO(row["thumbnail"])).convert("RGB")
-        w, h = row["width"], row["height"]
-        scale = THUMB_SIDE / max(w, h)
-        return draw.draw_placeholder((max(1, round(w * scale)), max(1, round(h * scale))))
+        return _thumbnail((index or self.index).row(int(image_id)))
 
     def _item(self, index: Index, hit: Hit) -> ResultItem:
-        row = index.row(hit.id)
+        row = index.row(hit.id)  # one read of its metadata and thumbnail
         size = (int(row["width"]), int(row["height"]))
-        picture = self.result_image(hit.id, index)
+        picture = _thumbnail(row)
         if hit.heat is not None:
             picture = draw.draw_heatmap(picture, hit.heat)
         if hit.box is not None:
             picture = draw.draw_box(picture, hit.box, original_size=size)
         return ResultItem(hit.id, hit.score, row.get("label"), size, picture, hit.box)
+
+
+def _thumbnail(row: dict) -> Image.Image:
+    """An indexed image's thumbnail from its metadata row, or a grey tile of its shape if none was kept."""
+    if row.get("thumbnail"):
+        return Image.open(io.BytesIO(row["thumbnail"])).convert("RGB")
+    w, h = row["width"], row["height"]
+    scale = THUMB_SIDE / max(w, h)
+    return draw.draw_placeholder((max(1, round(w * scale)), max(1, round(h * scale))))
 
 
 def _quiet(fraction: float, what: str) -> None:
