@@ -1,15 +1,18 @@
 """Latency of each API endpoint through gradio_client, on the default collection, split by step.
 
 Uses a ViT-S/16-sized model with random weights (same compute as facebook/dino-vits16 at 224 px),
-so it runs offline. Prints p50 / p95 in ms of: load (decode + face gate), embed, search, draw,
-total (inside the engine) and round trip (client to client, with uploads and the queue).
+so it runs offline. The app runs as its own process (`python app.py`, real face gate). Prints p50 /
+p95 in ms of: load (decode + face gate), embed, search, draw, total (inside the engine) and round
+trip (client to client, with uploads and the queue). With `--baseline REV` the app of commit REV
+(a git worktree) runs beside it with the same settings, calls alternate between the two, and the
+ratio of their round trips is printed: these machines are too noisy to compare runs made apart.
 
-    python benchmarks/latency.py [--runs 20] [--device cpu]
+    python benchmarks/latency.py [--runs 20] [--device cpu] [--baseline 4f124cb]
 """
 from __future__ import annotations
 
 import argparse
-import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,27 +25,25 @@ sys.path.insert(0, str(ROOT))
 from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 COLLECTION = ROOT / "assets" / "collection"
 STEPS = ("load", "embed", "search", "draw", "total", "round_trip")
+ENDPOINTS = ("/search_image", "/search_region", "/match_patches")
 
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_apps(model: Path, tmp: Path, device: str, baseline: str | None) -> dict[str, str]:
+    """This checkout's app and, with a baseline, the app of that commit: name -> URL."""
+    from load import start_server
 
-
-def start_app(model: Path, cache: Path, device: str) -> str:
-    from dino_demo.config import Settings
-    from app import open_engine
-    from dino_demo.ui import build_ui, launch_options
-
-    settings = Settings(model=str(model), device=device, cache_dir=cache, host="127.0.0.1", port=free_port())
-    started = time.perf_counter()
-    engine = open_engine(settings)
-    print(f"model + default index ({engine.index.count} images) ready in {time.perf_counter() - started:.1f}s",
-          file=sys.stderr)
-    build_ui(engine, settings).launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
-    return f"http://127.0.0.1:{settings.port}/"
+    roots = {"new": ROOT}
+    if baseline:
+        roots["old"] = tmp / "baseline"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(roots["old"]), baseline],
+                       check=True, capture_output=True)
+    urls = {}
+    for name, root in roots.items():
+        started = time.perf_counter()
+        _, urls[name] = start_server(model, tmp / f"cache-{name}", device, 16, tmp / f"{name}.log", root=root)
+        print(f"{name} app ({root}) ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    return urls
 
 
 def calls(client, handle_file) -> dict:
@@ -57,15 +58,18 @@ def calls(client, handle_file) -> dict:
     }
 
 
-def measure(call, runs: int) -> dict[str, list[float]]:
-    times: dict[str, list[float]] = {step: [] for step in STEPS}
-    call(0)  # warm-up: first-call allocations, MediaPipe graph loading
+def measure(calls_by_app: dict, runs: int) -> dict[str, dict[str, list[float]]]:
+    """Per app, each step's times; the apps' calls alternate so that noise falls on both alike."""
+    times = {name: {step: [] for step in STEPS} for name in calls_by_app}
+    for call in calls_by_app.values():
+        call(0)  # warm-up: first-call allocations, MediaPipe graph loading
     for i in range(1, runs + 1):
-        started = time.perf_counter()
-        result = call(i)
-        times["round_trip"].append((time.perf_counter() - started) * 1000)
-        for step, ms in result["timings_ms"].items():
-            times[step].append(ms)
+        for name, call in calls_by_app.items():
+            started = time.perf_counter()
+            result = call(i)
+            times[name]["round_trip"].append((time.perf_counter() - started) * 1000)
+            for step, ms in result["timings_ms"].items():
+                times[name][step].append(ms)
     return times
 
 
@@ -73,21 +77,28 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     args = p.parse_args()
     import torch
     from gradio_client import Client, handle_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        url = start_app(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp) / "cache", args.device)
-        client = Client(url, verbose=False, download_files=False)
-        print(f"{args.runs} calls per endpoint, torch {torch.__version__} on {args.device}, "
+        urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device, args.baseline)
+        clients = {name: Client(url, verbose=False, download_files=False) for name, url in urls.items()}
+        print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
               f"{torch.get_num_threads()} threads; ms as p50 / p95")
-        print(f"{'endpoint':<16}" + "".join(f"{step:>16}" for step in STEPS))
-        for endpoint, call in calls(client, handle_file).items():
-            times = measure(call, args.runs)
-            cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
-                     for v in (times[s] for s in STEPS)]
-            print(f"{endpoint:<16}" + "".join(f"{c:>16}" for c in cells))
+        print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
+        for endpoint in ENDPOINTS:
+            times = measure({name: calls(client, handle_file)[endpoint] for name, client in clients.items()}, args.runs)
+            for name, steps in times.items():
+                cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
+                         for v in (steps[s] for s in STEPS)]
+                print(f"{endpoint:<16}{name:<5}" + "".join(f"{c:>16}" for c in cells))
+            if "old" in times:
+                new, old = (np.percentile(times[n]["round_trip"], 50) for n in ("new", "old"))
+                print(f"{endpoint:<16}round trip p50 new / old = {new / old:.2f}")
+        if args.baseline:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")])
     return 0
 
 

@@ -117,14 +117,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, cache: Path, device: str, queue_size: int, log: Path) -> tuple[subprocess.Popen, str]:
-    """`python app.py` on a free port (indexing the bundled collection into `cache` first)."""
+def start_server(model: Path, cache: Path, device: str, queue_size: int, log: Path,
+                 root: Path = ROOT) -> tuple[subprocess.Popen, str]:
+    """`python app.py` of the checkout `root` on a free port (indexing the bundled collection into `cache` first)."""
     port = free_port()
     env = dict(os.environ, DINO_QUEUE_SIZE=str(queue_size), HF_HUB_OFFLINE="1")
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--model", str(model), "--device", device,
+        process = subprocess.Popen([sys.executable, str(root / "app.py"), "--model", str(model), "--device", device,
                                     "--cache-dir", str(cache), "--host", "127.0.0.1", "--port", str(port)],
-                                   cwd=ROOT, env=env, stdout=out, stderr=out)
+                                   cwd=root, env=env, stdout=out, stderr=out)
     deadline = time.time() + 600
     while time.time() < deadline:
         if process.poll() is not None:

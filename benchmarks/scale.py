@@ -31,7 +31,8 @@ from dino_demo.index_writer import Writer  # noqa: E402
 from dino_demo.index_types import choose_layout  # noqa: E402
 from dino_demo.model import Features  # noqa: E402
 from dino_demo.patch_select import PatchLayout, reduce_patches  # noqa: E402
-from dino_demo.search import search_image, search_region, select_patches  # noqa: E402
+from dino_demo.geometry import Box, patches_in  # noqa: E402
+from dino_demo.search import search_image, search_region  # noqa: E402
 
 DIM, GRID, CHUNK = 384, (14, 14), 1024
 SIZE = (224, 224)  # every synthetic image: one pixel box per 16 px patch
@@ -166,7 +167,7 @@ def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None
     g_hits, g_ms = timed(lambda f: search_image(index, f, 10), feats)
     r_hits, r_ms = timed(lambda fb: search_region(index, fb[0], fb[1], 10), r_q)
     served = rss_mb()
-    r_query = [fb[0].patches[0, select_patches(SIZE, data.grid, fb[1])] for fb in r_q]
+    r_query = [fb[0].patches[0, patches_in(Box(*fb[1]), SIZE, data.grid)] for fb in r_q]
     layout = index.layout  # what the build stored (`auto` resolved by the writer)
     g_truth, r_truth, kept_truth = exact_truth(data, count, g_q, r_query, layout)
     m = index.manifest
