@@ -1,4 +1,8 @@
-"""Load a DINO / DINOv2 backbone by hub id or local folder and turn images into features.
+"""Load a DINO / DINOv2 / DINOv3 backbone by hub id or local folder and turn images into features.
+
+The image processor is never built: its settings (mean, std, size) are read from the checkpoint's
+preprocessor_config.json, since only those are used, and DINOv3's processor class needs torchvision,
+which does not import beside the pinned CPU torch.
 
 Every image is resized (bicubic, aspect ratio not kept) to a square `input_size` x `input_size`
 input, so each image gives the same patch grid (gh x gw) and a patch index means the same
@@ -17,13 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .backbones import DEFAULT_MODEL
+from .backbones import DEFAULT_MODEL, LARGE_PARAMETERS, family_of, prefix_tokens
 from .config import DEFAULT_CACHE_DIR
 from .errors import UserError, first_line
 from .hub import require_hub
 from .onnx_backend import BackendUnavailable, OnnxModel, backend_order, load_onnx_model
 
 log = logging.getLogger(__name__)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class ModelLoadError(UserError):
@@ -84,6 +89,11 @@ def _load_pretrained(model_id: str, revision: str | None):
     try:
         return _from_pretrained(source, kwargs)
     except (OSError, ValueError) as e:
+        if _gated(e):
+            raise ModelLoadError(
+                f"{model_id} is gated: accept its licence at https://huggingface.co/{model_id} while signed in, "
+                "then set HF_TOKEN to a token of that account (read access) and run again."
+            ) from None
         raise ModelLoadError(
             f"Could not load model '{model_id}': {first_line(e)} Pass a hub id such as "
             f"{DEFAULT_MODEL} or a folder holding config.json and the weights."
@@ -91,13 +101,29 @@ def _load_pretrained(model_id: str, revision: str | None):
 
 
 def _from_pretrained(source: str, kwargs: dict):
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+    """The model and its processor's settings (a dict: image_mean, image_std, size, ...)."""
+    from transformers import AutoConfig, AutoModel
+    from transformers.image_processing_base import ImageProcessingMixin
 
     config = AutoConfig.from_pretrained(source, **kwargs)
-    extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
-    model = AutoModel.from_pretrained(source, attn_implementation="sdpa", **kwargs, **extra)
-    processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-    return model, processor
+    family = family_of(config.model_type, source)
+    model = AutoModel.from_pretrained(source, attn_implementation="sdpa", **kwargs, **family.load)
+    try:
+        settings, _ = ImageProcessingMixin.get_image_processor_dict(source, **kwargs)
+    except OSError:  # no preprocessor_config.json: ImageNet's statistics, as every DINO was trained with
+        settings = {}
+    return model, settings
+
+
+def _gated(error: BaseException) -> bool:
+    """Whether loading failed because the repo is gated (a licence to accept, a token to send)."""
+    from huggingface_hub.errors import GatedRepoError
+
+    while error is not None:
+        if isinstance(error, GatedRepoError) or "gated" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Embedder:
@@ -123,6 +149,10 @@ class Embedder:
         self.device = pick_device(device)
         model, processor = _load_pretrained(model_id, revision)
         config = model.config
+        family = family_of(config.model_type, model_id)
+        if (weights := sum(p.numel() for p in model.parameters())) > LARGE_PARAMETERS:
+            log.warning("%s has %.1f billion weights: about %.0f GB of memory in float32 (%.0f GB in bfloat16 on a GPU).",
+                        model_id, weights / 1e9, weights * 4 / 1e9, weights * 2 / 1e9)
         self.patch_size: int = int(config.patch_size)
         self.input_size: int = int(input_size or _processor_size(processor) or config.image_size)
         if self.input_size % self.patch_size:
@@ -132,16 +162,16 @@ class Embedder:
         self.dim: int = int(config.hidden_size)
         side = self.input_size // self.patch_size
         self.grid: tuple[int, int] = (side, side)
-        self.num_prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.num_prefix_tokens = prefix_tokens(config)
         self.model_type = config.model_type
         self.batch_size = batch_size
         use_bf16 = self.device == "cuda" if bf16 is None else bf16
         self.dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.model = model.to(self.device, self.dtype).eval()
-        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        mean = torch.tensor(processor.get("image_mean", IMAGENET_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(processor.get("image_std", IMAGENET_STD), dtype=torch.float32).view(1, 3, 1, 1)
         self._mean, self._std = mean.to(self.device), std.to(self.device)
-        self._interpolate = {"interpolate_pos_encoding": True} if self.model_type == "vit" else {}
+        self._interpolate = dict(family.forward)  # e.g. DINO's interpolate_pos_encoding; rotary needs none
         self._lock = threading.Lock()  # one forward at a time; attention() switches the kernel
         order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
         self._onnx: OnnxModel | None = self._load_onnx(order, Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx")
@@ -233,14 +263,13 @@ class Embedder:
         return last.reshape(-1, *self.grid).cpu().numpy()
 
 
-def _processor_size(processor) -> int | None:
+def _processor_size(settings: dict) -> int | None:
     """The square side the processor would feed the model (its crop size when it crops)."""
     for name in ("crop_size", "size"):
-        size = getattr(processor, name, None)
-        if size is None or (name == "crop_size" and not getattr(processor, "do_center_crop", False)):
+        size = settings.get(name)
+        if not size or (name == "crop_size" and not settings.get("do_center_crop", False)):
             continue
-        get = size.get if isinstance(size, dict) else lambda k, s=size: getattr(s, k, None)
-        side = get("height") or get("shortest_edge")
+        side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
         if side:
             return int(side)
     return None

@@ -43,11 +43,25 @@ def save_tiny_model(folder: Path, kind: str = "vit") -> Path:
         config = Dinov2WithRegistersConfig(**common, mlp_ratio=2, image_size=56, patch_size=14, num_register_tokens=4)
         model = Dinov2WithRegistersModel(config)
         processor = BitImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56}, do_center_crop=True)
+    elif kind == "dinov3":
+        from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+        model = DINOv3ViTModel(DINOv3ViTConfig(**common, intermediate_size=64, image_size=64, patch_size=16,
+                                               num_register_tokens=4))
+        processor = None  # its class needs torchvision: written as the hub has it, below
     else:
         raise ValueError(kind)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    else:
+        import json
+
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "DINOv3ViTImageProcessorFast", "do_resize": True, "do_rescale": True,
+            "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+            "size": {"height": 64, "width": 64}, "resample": 2}))
     return folder
 
 
@@ -64,6 +78,11 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_registers(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dinov2-reg", "dinov2-registers")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov3(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-dinov3-vit", "dinov3")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from dino_demo.hub import hub_reachable
 from dino_demo.model import Embedder
 
 
-@pytest.mark.parametrize("fixture, grid, dim", [("tiny_vit", (4, 4), 32), ("tiny_dinov2", (4, 4), 32), ("tiny_registers", (4, 4), 32)])
+@pytest.mark.parametrize("fixture, grid, dim", [("tiny_vit", (4, 4), 32), ("tiny_dinov2", (4, 4), 32),
+                                                ("tiny_registers", (4, 4), 32), ("tiny_dinov3", (4, 4), 32)])
 def test_each_family_loads_from_a_folder_and_gives_normalised_features(request, fixture, grid, dim):
     embedder = Embedder(str(request.getfixturevalue(fixture)), device="cpu")
     images = [make_image(1, (90, 60)), make_image(2, (40, 130))]
