@@ -1,11 +1,11 @@
 """Print the time to embed one query image on the CPU with each backend, and how close its features stay.
 
-    python benchmarks/query_embed.py [--arch vits16,dinov2-small] [--rounds 5] [--calls 20]
+    python benchmarks/query_embed.py [--arch vits16,dinov2-small,dinov3-small] [--sizes 224,448] [--rounds 5] [--calls 20]
 
 Backends: torch (eager fp32, the fallback), onnx (ONNX Runtime fp32), onnx-int8 (dynamic int8 MatMuls),
 and torch-int8 (torch.ao dynamic int8 Linear layers, for comparison; not offered by the app). The
 backends are timed in interleaved rounds so that load from other processes hits them alike; each
-figure is ms for one image at batch 1: `model` from prepared 224x224 pixels, `query` from a
+figure is ms for one image at batch 1: `model` from prepared S x S pixels (S in --sizes), `query` from a
 640x480 picture (resize included), as the app's Embedder.embed([image]) does it. Cosines compare
 each backend's L2-normalised CLS and patch features with torch fp32 on 8 photo-like random images.
 Weights are random (the real shapes): int8 error on trained weights can differ, which is why the
@@ -44,16 +44,33 @@ def save_dinov2_small(folder: Path) -> Path:
     return folder
 
 
+def save_dinov3_small(folder: Path) -> Path:
+    """Random weights in facebook/dinov3-vits16-pretrain-lvd1689m's shape (384 dims, 12 layers, patch 16,
+    4 registers, rotary positions); its processor settings written as the hub has them."""
+    import json
+
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    DINOv3ViTModel(DINOv3ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                                   intermediate_size=1536, image_size=224, patch_size=16,
+                                   num_register_tokens=4)).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "DINOv3ViTImageProcessorFast", "image_mean": [0.485, 0.456, 0.406],
+        "image_std": [0.229, 0.224, 0.225], "size": {"height": 224, "width": 224}}))
+    return folder
+
+
 def photo_like(seed: int, size=(640, 480)) -> Image.Image:
     small = np.random.default_rng(seed).integers(0, 255, (12, 16, 3), dtype=np.uint8)
     return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
 
 
-def make_embedders(folder: Path, cache: Path) -> dict:
+def make_embedders(folder: Path, cache: Path, input_size: int | None = None) -> dict:
     from dino_demo.model import Embedder
 
-    embedders = {name: Embedder(str(folder), device="cpu", backend=name, cache_dir=cache, batch_size=1)
-                 for name in ("torch", "onnx", "onnx-int8")}
+    embedders = {name: Embedder(str(folder), device="cpu", backend=name, cache_dir=cache, batch_size=1,
+                                input_size=input_size) for name in ("torch", "onnx", "onnx-int8")}
     for name, embedder in embedders.items():
         if embedder.backend != name:
             raise SystemExit(f"{name} did not load (got {embedder.backend}); see the warning above")
@@ -74,7 +91,9 @@ def time_calls(call, calls: int) -> list[float]:
 def measure(embedders: dict, rounds: int, calls: int) -> dict[str, dict[str, list[float]]]:
     """ms per call for each backend and path, gathered in interleaved rounds."""
     image = photo_like(0)
-    pixels = embedders["torch"].prepare(image)[None]
+    from dino_demo.model import prepare_image
+
+    pixels = prepare_image(image, embedders["torch"].input_size)[None]
     paths = {"model": lambda e: e.embed_prepared(pixels, [image.size]), "query": lambda e: e.embed([image])}
     times = {name: {path: [] for path in paths} for name in embedders}
     for name, embedder in embedders.items():  # warm-up: first runs allocate and pick kernels
@@ -111,21 +130,23 @@ def report(arch: str, times: dict, close: dict, file_mb: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="vits16,dinov2-small", help="vits16 and/or dinov2-small")
+    p.add_argument("--arch", default="vits16,dinov2-small", help="vits16, dinov2-small and/or dinov3-small")
+    p.add_argument("--sizes", default="224", help="input sides in pixels, e.g. 224,448 (multiples of 16 and 14: 224, 448)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the backends")
     p.add_argument("--calls", type=int, default=20, help="timed calls per backend, path and round")
     args = p.parse_args()
-    savers = {"vits16": save_vits16, "dinov2-small": save_dinov2_small}
+    savers = {"vits16": save_vits16, "dinov2-small": save_dinov2_small, "dinov3-small": save_dinov3_small}
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), load {os.getloadavg()[0]:.2f}")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch.split(","):
             folder = savers[arch](Path(tmp) / arch)
-            started = time.perf_counter()
-            embedders = make_embedders(folder, Path(tmp) / "onnx-cache")
-            print(f"# {arch}: loaded and exported in {time.perf_counter() - started:.1f} s")
-            file_mb = {n: e._onnx.path.stat().st_size / 1e6 for n, e in embedders.items() if e._onnx}
-            report(arch, measure(embedders, args.rounds, args.calls), closeness(embedders), file_mb)
+            for size in (int(x) for x in args.sizes.split(",")):
+                started = time.perf_counter()
+                embedders = make_embedders(folder, Path(tmp) / "onnx-cache", size)
+                print(f"# {arch} at {size} px: loaded and exported in {time.perf_counter() - started:.1f} s")
+                file_mb = {n: e._onnx.path.stat().st_size / 1e6 for n, e in embedders.items() if e._onnx}
+                report(f"{arch}@{size}", measure(embedders, args.rounds, args.calls), closeness(embedders), file_mb)
     print(f"# load average after: {os.getloadavg()[0]:.2f}")
 
 
