@@ -50,7 +50,7 @@ def select_ids(index: Index, ids: Iterable[int] = (), source_rows: Iterable[int]
         found += meta.column("id").to_numpy()[hit].tolist()
         missing = rows - set(meta.column("source_row").to_numpy()[hit].tolist())
         if missing:
-            raise SelectionError(f"Source {source} has no indexed row {_few(missing)} (skipped, removed or never added).")
+            raise SelectionError(f"Source {source} has no indexed row {few(missing)} (skipped, removed or never added).")
     if where is not None:
         column, value = where
         if column not in MATCHABLE:
@@ -68,18 +68,22 @@ def remove_images(folder: str | Path, ids: Iterable[int], reason: str) -> Remova
         ids = sorted(set(int(i) for i in ids))
         if not ids:
             raise SelectionError("Nothing to remove: no image matches.")
-        already = [i for i in ids if i in set(index.removed.tolist())]
-        unknown = [i for i in ids if i not in already and not index.has(i)]
+        removed_before = set(index.removed.tolist())
+        already = [i for i in ids if i in removed_before]
+        unknown = [i for i in ids if i not in removed_before and not index.has(i)]
         if unknown:
-            raise SelectionError(f"{folder} has no image {_few(unknown)}; ids run from 0 to {int(index.ids[-1])}.")
-        new = [i for i in ids if i not in already]
+            raise SelectionError(f"{folder} has no image {few(unknown)}; ids run from 0 to {int(index.ids[-1])}.")
+        new = [i for i in ids if i not in removed_before]
         if not new:
             return Removal([], already, index.manifest)
         old = index.manifest
         generation = index.generation + 1
         tombstones = _tombstones(index)
         all_ids = np.concatenate([tombstones.column("id").to_numpy(), np.array(new, np.int64)])
-        hashes = tombstones.column("hash").to_pylist() + [index.row(i).get("hash") for i in new]
+        meta = index.meta
+        hash_of = dict(zip(meta.column("id").to_pylist(), meta.column("hash").to_pylist())) \
+            if "hash" in meta.column_names else {}
+        hashes = tombstones.column("hash").to_pylist() + [hash_of.get(i) for i in new]
         name = write_tombstones(folder, generation, all_ids, hashes)
         entry = {"action": "remove", "time": now(), "images": len(new), "by": reason}
         manifest = dict(old, generation=generation, removed=name, removed_count=int((all_ids >= 0).sum()),
@@ -133,6 +137,7 @@ def _tombstones(index: Index) -> pa.Table:
     return pq.read_table(index.path / name) if name else TOMBSTONE_SCHEMA.empty_table()
 
 
-def _few(values) -> str:
+def few(values, most: int = 10) -> str:
+    """Ids or rows as a short list: the first `most`, then how many more."""
     values = sorted(values)
-    return ", ".join(map(str, values[:10])) + (f" and {len(values) - 10} more" if len(values) > 10 else "")
+    return ", ".join(map(str, values[:most])) + (f" and {len(values) - most} more" if len(values) > most else "")

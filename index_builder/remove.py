@@ -36,7 +36,7 @@ def build_parser(command: str = "remove") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from dino_demo.index import load_index
-    from dino_demo.index_update import compact, remove_images, select_ids
+    from dino_demo.index_update import compact, few, remove_images, select_ids
 
     if not hasattr(args, "ids"):
         return _compact(args, compact)
@@ -48,9 +48,9 @@ def run(args: argparse.Namespace) -> int:
     ids = select_ids(index, args.ids, args.source_rows, source, args.where)
     done = remove_images(args.index, ids, _reason(args))
     if done.already:
-        print(f"already removed: {_few(done.already)}", file=sys.stderr)
+        print(f"already removed: {few(done.already, 20)}", file=sys.stderr)
     print(f"removed {len(done.removed)} image{'s' if len(done.removed) != 1 else ''} from {args.index} "
-          f"({_few(done.removed) or 'none'}); it now holds {done.manifest['count']} images. A running app stops "
+          f"({few(done.removed, 20) or 'none'}); it now holds {done.manifest['count']} images. A running app stops "
           "showing them within seconds; `compact` drops them from the folder.", file=sys.stderr)
     return 0
 
@@ -104,8 +104,3 @@ def _condition(text: str) -> tuple[str, str]:
     if not sep or not column:
         raise argparse.ArgumentTypeError(f"{text!r} is not COLUMN=VALUE, like label=cat")
     return column.strip(), value
-
-
-def _few(values) -> str:
-    values = list(values)
-    return ", ".join(map(str, values[:20])) + (f" and {len(values) - 20} more" if len(values) > 20 else "")
