@@ -221,3 +221,16 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_folder(images, tmp
         with pytest.raises(FolderBusy):
             compact(folder)
     assert remove_images(folder, [1], "test").removed == [1]  # free again once the first is done
+
+
+def test_a_search_looks_past_removed_images_crowding_the_top(images, tmp_path):
+    """The query's 30 nearest images are removed: an exact index still answers with the next 10,
+    exactly as brute force over what remains does."""
+    cls, patches = images
+    folder = tmp_path / "idx"
+    write_build(folder, cls[:300], patches[:300], "all", "flat", rows(0, 300))
+    query = cls[7:8]
+    nearest = np.argsort(-(cls[:300] @ query[0]))
+    remove_images(folder, nearest[:30].tolist(), "crowding the top")
+    hits = search_image(load_index(folder), Features(query, patches[7:8], GRID, [(32, 32)]), 10)
+    assert [h.id for h in hits] == nearest[30:40].tolist()
