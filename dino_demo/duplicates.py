@@ -23,9 +23,9 @@ from .errors import UserError
 from .index import Index
 
 BATCH = 1024  # queries per search call: large enough for FAISS's batching, small in memory
+DISTRACTOR_DEPTH = 10  # neighbours of a copy looked through for the nearest other picture
 # A calibrated threshold is never below this: at cosine 0.5 two vectors are 60 degrees apart, no closer to
 # each other than to orthogonal, which cannot mean "the same picture" whatever a sample of copies shows.
-DISTRACTOR_DEPTH = 10  # neighbours of a copy looked through for the nearest other picture
 THRESHOLD_FLOOR = 0.5
 THRESHOLD_STEP = 0.001  # a calibrated threshold is rounded up to this: readable, and still above every copy
 CALIBRATION_BATCH = 8  # sampled images whose copies are embedded together: bounds the memory features take

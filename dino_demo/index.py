@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import faiss
@@ -150,20 +151,27 @@ class Index:
     def live_ids(self) -> np.ndarray:
         return self.ids[self._live]
 
-    @property
+    @cached_property
     def meta(self) -> pa.Table:
         """Metadata of every image that can be found, by id (no thumbnails)."""
         table = pa.concat_tables([s.meta for s in self.segments])
         return table.filter(pa.array(self._live)) if not self._live.all() else table
 
     def has(self, image_id) -> bool:
+        return self._position(image_id) is not None
+
+    def _position(self, image_id) -> int | None:
+        """Where a live image lies among the stored ids; None if it is not one (or not an id at all)."""
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)):
+            return None
         pos = int(np.searchsorted(self.ids, image_id))
-        return pos < len(self.ids) and self.ids[pos] == image_id and bool(self._live[pos])
+        return pos if pos < len(self.ids) and self.ids[pos] == image_id and self._live[pos] else None
 
     def _locate(self, image_id) -> tuple[Segment, int]:
-        if isinstance(image_id, bool) or not isinstance(image_id, (int, np.integer)) or not self.has(image_id):
+        """The segment holding a live image and its row there; NoSuchImage for any other id."""
+        pos = self._position(image_id)
+        if pos is None:
             raise NoSuchImage(f"There is no image {image_id} in this index (never added, or removed).")
-        pos = int(np.searchsorted(self.ids, image_id))
         j = int(np.searchsorted(self._starts, pos, side="right")) - 1
         return self.segments[j], pos - int(self._starts[j])
 
@@ -187,21 +195,26 @@ class Index:
     def vectors(self, ids=None) -> np.ndarray:
         """(n, d) stored global vectors of `ids` (every image that can be found, by default)."""
         ids = self.live_ids() if ids is None else ids
-        return np.stack([self.vector(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.global_index.d), np.float32)
+        return self._read(ids, "global_index", 1)
 
     def image_patches(self, image_id: int) -> np.ndarray:
         """(slots, d) the stored patch vectors of one image (from 8-bit codes in a compressed index)."""
         return self.patches_of([image_id])[0]
 
     def patches_of(self, image_ids) -> np.ndarray:
-        """(n, slots, d) stored patch vectors of several images, read with one call per segment."""
-        per_image, positions = self.patches_per_image, [self._locate(i) for i in image_ids]
+        """(n, slots, d) stored patch vectors of several images."""
+        per_image = self.patches_per_image
+        return self._read(image_ids, "patch_index", per_image).reshape(len(image_ids), per_image, self.global_index.d)
+
+    def _read(self, image_ids, kind: str, per_image: int) -> np.ndarray:
+        """(n * per_image, d) stored vectors of images, read with one reconstruct_batch call per segment."""
+        positions = [self._locate(i) for i in image_ids]
         out = np.empty((len(positions), per_image, self.global_index.d), np.float32)
         for segment in {id(s): s for s, _ in positions}.values():
             rows = [j for j, (s, _) in enumerate(positions) if s is segment]
             keys = (np.array([positions[j][1] for j in rows])[:, None] * per_image + np.arange(per_image)).ravel()
-            out[rows] = segment.patch_index.reconstruct_batch(keys.astype(np.int64)).reshape(len(rows), per_image, -1)
-        return out
+            out[rows] = getattr(segment, kind).reconstruct_batch(keys.astype(np.int64)).reshape(len(rows), per_image, -1)
+        return out.reshape(len(positions) * per_image, self.global_index.d)
 
     def cells(self, image_id: int) -> np.ndarray | None:
         """(slots,) grid cell of each stored salient patch; None for the other layouts."""

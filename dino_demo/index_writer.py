@@ -267,8 +267,8 @@ def load_trained(folder: Path, manifest: dict, kind: str, dim: int) -> faiss.Ind
     name = (manifest.get("trained") or {}).get(kind)
     factory = manifest[f"{kind}_factory"]
     if name is None:
-        if factory != "Flat":
-            raise IndexFolderError(f"{folder} keeps no trained {kind} index (format 1); rebuild it to add images.")
+        if factory != "Flat":  # a build writes one for every trained factory: the manifest is damaged
+            raise IndexFolderError(f"{folder / MANIFEST} names no trained {kind} index for {factory}; rebuild the index.")
         return faiss.index_factory(dim, "Flat", faiss.METRIC_INNER_PRODUCT)
     try:
         return faiss.read_index(str(folder / name))

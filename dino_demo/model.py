@@ -101,7 +101,7 @@ def _load_pretrained(model_id: str, revision: str | None):
 
 
 def _from_pretrained(source: str, kwargs: dict):
-    """The model and its processor's settings (a dict: image_mean, image_std, size, ...)."""
+    """The model, its processor's settings (a dict: image_mean, image_std, size, ...) and its family."""
     from transformers import AutoConfig, AutoModel
     from transformers.image_processing_base import ImageProcessingMixin
 
@@ -112,7 +112,7 @@ def _from_pretrained(source: str, kwargs: dict):
         settings, _ = ImageProcessingMixin.get_image_processor_dict(source, **kwargs)
     except OSError:  # no preprocessor_config.json: ImageNet's statistics, as every DINO was trained with
         settings = {}
-    return model, settings
+    return model, settings, family
 
 
 def _gated(error: BaseException) -> bool:
@@ -147,9 +147,8 @@ class Embedder:
     ):
         self.model_id, self.revision = model_id, revision
         self.device = pick_device(device)
-        model, processor = _load_pretrained(model_id, revision)
+        model, processor, family = _load_pretrained(model_id, revision)
         config = model.config
-        family = family_of(config.model_type, model_id)
         if (weights := sum(p.numel() for p in model.parameters())) > LARGE_PARAMETERS:
             log.warning("%s has %.1f billion weights: about %.0f GB of memory in float32 (%.0f GB in bfloat16 on a GPU).",
                         model_id, weights / 1e9, weights * 4 / 1e9, weights * 2 / 1e9)

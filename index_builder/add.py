@@ -11,13 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from dino_demo.backbones import short_name
 from dino_demo.config import add_arguments
-from dino_demo.errors import UserError
 from dino_demo.index_types import choose_spec
 
 from .build import BuildOptions
-from .cli import RUN_OPTIONS, add_source_arguments, print_skipped, progress_bar, run_options
+from .cli import RUN_OPTIONS, add_source_arguments, index_embedder, print_skipped, progress_bar, run_options
 
 SEGMENTS_BEFORE_COMPACT = 8  # each segment is searched on its own: beyond this many, suggest merging them
 RETRAIN_GROWTH = 2.0  # a quantiser trained on n images serves up to about this many times n
@@ -38,18 +36,15 @@ def build_parser(command: str = "add") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from dino_demo.index import read_manifest
-    from dino_demo.model import Embedder, pick_device
+    from dino_demo.model import pick_device
 
     from .build import add_to_index
     from .source import open_source
 
     built = read_manifest(Path(args.index))["model"]
-    if args.model is not None and short_name(args.model) != short_name(built["id"]):
-        raise UserError(f"The index at {args.index} was built with {built['id']}, and an addition must use the same "
-                        f"model: leave out --model, or pass a local copy of {built['id']}.")
     device = pick_device(args.device)
     options = run_options(args, device)
-    embedder = Embedder.for_index(built, args.model, built["input_size"], device=device, batch_size=options.batch_size)
+    embedder = index_embedder(args.index, built, args.model, device, batch_size=options.batch_size)
     source = open_source(args.dataset, args.split, args.image_column, args.label_column, args.streaming, args.revision)
     total = source.num_rows if options.limit is None else min(options.limit, source.num_rows or options.limit)
     print(f"adding {args.dataset} [{args.split}] to {args.index} with {embedder.model_id} on {embedder.device}",

@@ -225,7 +225,7 @@ def add_to_index(source: Source, embedder: Embedder, folder: str, options: Build
     with hold_lock(folder):
         index = load_index(folder, embedder.describe())
         m = index.manifest
-        if index.generation == 0 and m["format_version"] == 1:
+        if m["format_version"] == 1:
             raise IndexFolderError(f"{folder} is an index of format 1, which cannot grow; rebuild it with "
                                    "`python -m index_builder --rebuild ...` to add images to it.")
         sources, described = list(m["sources"]), source.describe()

@@ -4,20 +4,34 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 from .build import BuildOptions
 
 RUN_OPTIONS = ("batch_size", "workers", "chunk_size", "limit", "max_pixels")  # how an add runs; the rest is the index's
 
 
-def add_source_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
     """Where images come from: the same options for a build and an add."""
-    p.add_argument("--dataset", required=required, help="hub id ORG/NAME, a local image or parquet folder, or a .parquet file")
+    p.add_argument("--dataset", required=True, help="hub id ORG/NAME, a local image or parquet folder, or a .parquet file")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument("--revision", help="hub dataset revision: a branch, tag or commit (default: the latest)")
     p.add_argument("--image-column", help="column holding the images (default: the first image column)")
     p.add_argument("--label-column", help="column with a label or caption to show (default: label/caption if present)")
     p.add_argument("--streaming", action="store_true", help="read the dataset as a stream instead of downloading it first")
+
+
+def index_embedder(index: str | Path, built: dict, model: str | None, device: str, **options):
+    """The model an index was `built` with (its manifest's "model"), or the local copy of it given as
+    `model`, at the index's input size; another model is refused before it loads."""
+    from dino_demo.backbones import short_name
+    from dino_demo.errors import UserError
+    from dino_demo.model import Embedder
+
+    if model is not None and short_name(model) != short_name(built["id"]):
+        raise UserError(f"The index at {index} was built with {built['id']}, and this command must use the same "
+                        f"model: leave out --model, or pass a local copy of {built['id']}.")
+    return Embedder.for_index(built, model, built["input_size"], device=device, **options)
 
 
 def run_options(args: argparse.Namespace, device: str) -> BuildOptions:

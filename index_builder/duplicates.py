@@ -101,11 +101,13 @@ def load_embedder(index, model: str | None, device: str):
     """The index's own model (or the local copy given), refused if its vectors would not match the index's."""
     from dino_demo.errors import UserError
     from dino_demo.index import check_model
-    from dino_demo.model import Embedder, pick_device
+    from dino_demo.model import pick_device
+
+    from .cli import index_embedder
 
     built = index.manifest["model"]
     try:
-        embedder = Embedder.for_index(built, model, built["input_size"], device=pick_device(device))
+        embedder = index_embedder(index.path, built, model, pick_device(device))
     except UserError as e:
         raise type(e)(f"{e} Or give --threshold a cosine instead of auto, which embeds copies of the index's images "
                       "with its model.") from None
@@ -137,7 +139,7 @@ def print_calibration(calibration) -> None:
     a, b = closest["original"], closest["other"]
     if calibration.floored:
         rule = f"under the floor {calibration.threshold:g}, which is used instead"
-    else:  # the method cannot tell a near duplicate already in the index from an unrelated image
+    else:  # images more like the original than its typical copy were passed over; a looser duplicate may not be
         rule = f"the threshold is the next step above it (if ids {a} and {b} are one picture, give a lower --threshold)"
     print(f"  closest copy to another image: {closest['cosine']:.4f}, a {closest['transform']} copy of id {a} "
           f"vs id {b}; {rule}")
