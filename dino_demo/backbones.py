@@ -35,11 +35,12 @@ class Family:
     licence: str
     load: dict = field(default_factory=dict)  # extra from_pretrained() keywords
     forward: dict = field(default_factory=dict)  # extra forward() keywords
+    artefacts: bool = False  # without registers, a few background patches draw much attention (Darcet et al., 2023)
 
 
 FAMILIES = {  # by the model_type of the checkpoint's config.json
     "vit": Family("DINO", "interpolate", "Apache-2.0", {"add_pooling_layer": False}, {"interpolate_pos_encoding": True}),
-    "dinov2": Family("DINOv2", "interpolate", "Apache-2.0"),
+    "dinov2": Family("DINOv2", "interpolate", "Apache-2.0", artefacts=True),
     "dinov2_with_registers": Family("DINOv2 with registers", "interpolate", "Apache-2.0"),
     "dinov3_vit": Family("DINOv3", "rotary", "DINOv3 License (gated: accept it on the model's page)"),
 }
@@ -67,3 +68,15 @@ def prefix_tokens(config) -> int:
 def short_name(model_id: str) -> str:
     """'facebook/dino-vits16' and a local folder '.../dino-vits16' both give 'dino-vits16'."""
     return Path(str(model_id).rstrip("/")).name or "model"
+
+
+def describe_registers(model_type: str, registers: int) -> str:
+    """The family and its registers, as the attention maps' caption: what a person should expect to see."""
+    family = FAMILIES.get(model_type)
+    name = family.name if family else model_type
+    if registers:
+        return f"{name}: {registers} registers, so the attention stays on the objects"
+    if family and family.artefacts:
+        return (f"{name} without registers: a few bright background patches that draw much of the attention "
+                "are its known artefacts; a model with registers has none")
+    return name

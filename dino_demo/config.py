@@ -59,6 +59,11 @@ class Settings:
                                     shown="25 MiB")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (width × height)",
                               "DINO_MAX_PIXELS", shown="40 million")
+    video_seconds: int = setting(10, "longest clip accepted by What DINO sees, in seconds", "DINO_VIDEO_SECONDS")
+    video_fps: int = setting(8, "frames of a clip analysed per second of it", "DINO_VIDEO_FPS")
+    video_frames: int = setting(80, "the most frames of one clip analysed", "DINO_VIDEO_FRAMES")
+    video_pixels: int = setting(2_100_000, "largest accepted clip frame in pixels (width × height)", "DINO_VIDEO_PIXELS",
+                                shown="2.1 million (Full HD)")
     queue_size: int = setting(16, "requests that may wait; more are told the app is busy", "DINO_QUEUE_SIZE")
     concurrency: int = setting(1, "requests served at once (on 2 cores more only makes each slower)",
                                "DINO_CONCURRENCY")

@@ -1,4 +1,5 @@
-"""Pictures for people: a hit's matching region boxed, similarity heat maps, patch-match lines.
+"""Pictures for people: a hit's matching region boxed, similarity heat maps, patch-match lines, and what
+DINO sees (attention maps, its object mask, feature colours).
 
 Lines and boxes are drawn at twice the size and shrunk, which anti-aliases them (PIL draws
 jagged lines otherwise).
@@ -6,8 +7,9 @@ jagged lines otherwise).
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
+from .attention import pixel_mask
 from .geometry import Box
 from .matching import MATCH_LINES, Matches
 
@@ -103,3 +105,75 @@ def match_colour(rank: int, count: int, cmap: str = "turbo") -> Colour:
 def draw_placeholder(size: tuple[int, int], colour: Colour = (200, 200, 200)) -> Image.Image:
     """A plain tile for an indexed image that has no stored thumbnail."""
     return Image.new("RGB", size, colour)
+
+
+# --- what DINO sees ------------------------------------------------------------------------------
+
+TILE = 168  # side of each small attention map
+DIMMED = 0.3  # brightness left to what lies outside the mask
+
+
+def shrunk(image: Image.Image, side: int) -> Image.Image:
+    """A copy no larger than `side` on its longer side: pictures are drawn at the size they are shown."""
+    copy = image.convert("RGB")
+    copy.thumbnail((side, side), Image.Resampling.BICUBIC)
+    return copy
+
+
+def draw_attention_maps(image: Image.Image, heads: np.ndarray, columns: int = 4) -> Image.Image:
+    """A grid of small pictures: the photo, the heads' mean attention, then each head's (`heads`: (h, gh, gw))."""
+    small = shrunk(image, TILE)
+    tiles = [(small, "photo"), (draw_heatmap(small, heads.mean(axis=0), alpha=0.85), "mean of heads")]
+    tiles += [(draw_heatmap(small, head, alpha=0.85), f"head {i + 1}") for i, head in enumerate(heads)]
+    rows = -(-len(tiles) // columns)
+    gap = 6
+    sheet = Image.new("RGB", (columns * (TILE + gap) - gap, rows * (TILE + gap) - gap), (255, 255, 255))
+    pen, font = ImageDraw.Draw(sheet), ImageFont.load_default(size=13)
+    for i, (tile, label) in enumerate(tiles):
+        x, y = (i % columns) * (TILE + gap), (i // columns) * (TILE + gap)
+        sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
+        left, top, right, bottom = pen.textbbox((x + 4, y + 3), label, font=font)
+        pen.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=EDGE_COLOUR)
+        pen.text((x + 4, y + 3), label, fill=(255, 255, 255), font=font)
+    return sheet
+
+
+def draw_mask(image: Image.Image, cells: np.ndarray, colour: Colour = BOX_COLOUR) -> Image.Image:
+    """`image` with what lies outside a (gh, gw) cell mask dimmed and the mask's edge outlined."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    inside = pixel_mask(cells, image.size)  # (h, w)
+    out = np.where(inside[..., None], base, base * DIMMED)
+    edge = np.zeros_like(inside)
+    edge[:-1] |= inside[:-1] != inside[1:]
+    edge[:, :-1] |= inside[:, :-1] != inside[:, 1:]
+    width = max(1, round(max(image.size) / 300))
+    for _ in range(width):  # thicken the one-pixel edge
+        grown = edge.copy()
+        grown[1:] |= edge[:-1]
+        grown[:, 1:] |= edge[:, :-1]
+        edge = grown
+    out[edge] = colour
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def draw_colours(image: Image.Image, colours: np.ndarray, foreground: np.ndarray) -> Image.Image:
+    """(gh, gw, 3) feature colours laid smoothly over `image` where `foreground` (gh, gw) holds; elsewhere
+    the photo in dimmed grey."""
+    paint = Image.fromarray((colours * 255).round().astype(np.uint8)).resize(image.size, Image.Resampling.BICUBIC)
+    alpha = Image.fromarray(foreground.astype(np.float32), mode="F").resize(image.size, Image.Resampling.BILINEAR)
+    weight = np.clip(np.asarray(alpha), 0.0, 1.0)[..., None]
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None] * DIMMED
+    out = weight * np.asarray(paint, dtype=np.float32) + (1 - weight) * grey
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def side_by_side(pictures: list[Image.Image], height: int, gap: int = 12) -> Image.Image:
+    """The pictures in a row, each scaled to `height`, on white."""
+    scaled = [p.resize((max(1, round(p.width * height / p.height)), height), Image.Resampling.BICUBIC)
+              for p in pictures]
+    row = Image.new("RGB", (sum(p.width for p in scaled) + gap * (len(scaled) - 1), height), (255, 255, 255))
+    x = 0
+    for p in scaled:
+        row.paste(p, (x, 0))
+        x += p.width + gap
+    return row

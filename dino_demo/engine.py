@@ -1,4 +1,5 @@
-"""The one path from a person's input to a result: load (with limits) -> face gate -> embed -> search -> draw.
+"""The one path from a person's input to a result: load (with limits) -> face gate -> embed -> search (or
+match, or look) -> draw.
 
 The UI and the API call only these methods, so no route reaches the model without the face gate.
 Each result carries its pictures, a JSON-able dict and how long each step took (`timings`, in ms).
@@ -7,25 +8,33 @@ from __future__ import annotations
 
 import io
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
 
-from . import draw
+from . import attention, draw
+from .attention import DEFAULT_SHARE, CoSegmentation, Sight
+from .backbones import describe_registers, short_name
 from .config import Settings
-from .faces import FaceGate, NoFaceGate
+from .errors import UserError
+from .faces import FaceGate, FaceRefused, NoFaceGate
+from .frames import ClipLimits, VideoSource, read_clip, write_video
 from .geometry import Box, fit_box
 from .images import THUMB_SIDE, ImageSource, load_image
 from .index import Index
 from .live_index import LiveIndex
 from .matching import MATCH_LINES, Matches, match_patches
-from .model import Embedder, Features
+from .model import Attended, Embedder, Features
 from .search import Hit, SearchError, check_k, search_image, search_region
 
 Progress = Callable[[float, str], None]  # (fraction done, what is happening now)
+SIGHT_SIDE = 640  # longer side of the mask and colour pictures of a photo
+FRAME_SIDE = 480  # ... of each of a clip's two panels
 
 
 def load_embedder(settings: Settings, built: dict | None = None) -> Embedder:
@@ -72,7 +81,7 @@ class SearchResults:
         if self.box is not None:
             query["box"] = [round(v, 1) for v in self.box]
         return {"query": query, "results": [item.to_json() for item in self.items],
-                "timings_ms": {k: round(v, 1) for k, v in self.timings.items()}}
+                "timings_ms": _rounded_ms(self.timings)}
 
 
 @dataclass
@@ -94,7 +103,57 @@ class MatchResult:
                  for pa, pb, s in zip(top.points_a, top.points_b, top.scores)]
         return {"count": len(self.matches), "mean_score": round(self.matches.mean_score, 4),
                 "box": None if self.matches.box is None else [round(v, 1) for v in self.matches.box],
-                "pairs": pairs, "timings_ms": {k: round(v, 1) for k, v in self.timings.items()}}
+                "pairs": pairs, "timings_ms": _rounded_ms(self.timings)}
+
+
+@dataclass
+class SightResult:
+    """What DINO sees in a photo: its attention maps, the object mask and the feature colours, drawn."""
+
+    maps: Image.Image  # the photo, the heads' mean attention and each head's, side by side
+    mask: Image.Image
+    colours: Image.Image
+    sight: Sight
+    share: float  # percent of the attention mass the mask keeps
+    model: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "share": self.share, "width": self.sight.size[0], "height": self.sight.size[1],
+                "heads": len(self.sight.heads), "grid": list(self.sight.mask.shape), **self.sight.to_json(),
+                "timings_ms": _rounded_ms(self.timings)}
+
+
+@dataclass
+class ClipResult:
+    """What DINO sees in each sampled frame of a clip, as a video (mask | colours) and per-frame facts."""
+
+    video: Path  # H.264 MP4
+    sights: list[Sight]
+    times: list[float]  # seconds from the start of each frame analysed
+    share: float
+    model: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        frames = [{"frame": i, "time": round(t, 3), **sight.to_json()}
+                  for i, (t, sight) in enumerate(zip(self.times, self.sights))]
+        width, height = self.sights[0].size
+        return {"model": self.model, "share": self.share, "width": width, "height": height, "frames": frames,
+                "seconds_per_frame": round(self.timings.get("total", 0) / 1000 / len(frames), 4),
+                "timings_ms": _rounded_ms(self.timings)}
+
+
+@dataclass
+class CoSegmentResult:
+    """The parts of two images whose features agree, coloured alike (co-segmentation), drawn side by side."""
+
+    picture: Image.Image
+    parts: CoSegmentation
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**self.parts.to_json(), "timings_ms": _rounded_ms(self.timings)}
 
 
 class _Timer:
@@ -118,10 +177,11 @@ class Engine:
     """An embedder, an index and a face gate, and the only methods that turn inputs into results."""
 
     def __init__(self, embedder: Embedder, index: Index | LiveIndex, gate: FaceGate | NoFaceGate,
-                 max_pixels: int, max_bytes: int, max_k: int = 50):
+                 max_pixels: int, max_bytes: int, max_k: int = 50, clip_limits: ClipLimits = ClipLimits()):
         self.embedder, self.gate = embedder, gate
         self.live = index if isinstance(index, LiveIndex) else LiveIndex.fixed(index)
         self.max_pixels, self.max_bytes, self.max_k = max_pixels, max_bytes, max_k
+        self.clip_limits = clip_limits
 
     @property
     def index(self) -> Index:
@@ -135,7 +195,9 @@ class Engine:
         """An engine with the settings' limits and face gate (or `gate`, e.g. a test's stub)."""
         if gate is None:
             gate = FaceGate() if settings.face_gate else NoFaceGate()
-        return cls(embedder, index, gate, settings.max_pixels, settings.max_upload_bytes, settings.max_k)
+        limits = ClipLimits(settings.video_seconds, settings.video_frames, settings.video_pixels,
+                            settings.max_upload_bytes, settings.video_fps)
+        return cls(embedder, index, gate, settings.max_pixels, settings.max_upload_bytes, settings.max_k, limits)
 
     def load(self, source: ImageSource) -> Image.Image:
         """The input as an RGB image, refused if it breaks the limits or shows a face (FaceRefused)."""
@@ -199,13 +261,7 @@ class Engine:
         timer, report = _Timer(), progress or _quiet
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise SearchError(f"The number of lines must be 0 or more (got {n}).")
-        report(0.0, "Checking the images")
-        with timer.step("load"):
-            image_a, image_b = self.load(source_a), self.load(source_b)
-            box = None if box is None else fit_box(box, image_a.size)
-        report(0.4, "Embedding")
-        with timer.step("embed"):
-            features = self.embedder.embed([image_a, image_b])
+        image_a, image_b, box, features = self._pair(source_a, source_b, box, timer, report)
         a, b = features.one(0), features.one(1)
         report(0.7, "Matching patches")
         with timer.step("search"):
@@ -213,6 +269,93 @@ class Engine:
         with timer.step("draw"):
             picture = draw.draw_matches(image_a, image_b, matches, n, height=min(draw.MATCH_HEIGHT, max(image_a.height, image_b.height)))
         return MatchResult(picture, matches, min(int(n), len(matches)), timer.done())
+
+    def co_segment(self, source_a: ImageSource, source_b: ImageSource, progress: Progress | None = None) -> CoSegmentResult:
+        """The parts of A and B whose features agree, each coloured alike from one basis fitted on both."""
+        timer, report = _Timer(), progress or _quiet
+        image_a, image_b, _, features = self._pair(source_a, source_b, None, timer, report)
+        report(0.7, "Finding the parts that agree")
+        with timer.step("colours"):
+            parts = attention.co_segment(features.one(0), features.one(1))
+        with timer.step("draw"):
+            pictures = [draw.draw_colours(draw.shrunk(image, SIGHT_SIDE), colours, agree)
+                        for image, colours, agree in zip((image_a, image_b), parts.colours, parts.agree)]
+            picture = draw.side_by_side(pictures, min(draw.MATCH_HEIGHT, max(p.height for p in pictures)))
+        return CoSegmentResult(picture, parts, timer.done())
+
+    def _pair(self, source_a: ImageSource, source_b: ImageSource, box, timer: "_Timer", report: Progress):
+        """Both images loaded and gated, the box fitted to A, and their features."""
+        report(0.0, "Checking the images")
+        with timer.step("load"):
+            image_a, image_b = self.load(source_a), self.load(source_b)
+            box = None if box is None else fit_box(box, image_a.size)
+        report(0.4, "Embedding")
+        with timer.step("embed"):
+            features = self.embedder.embed([image_a, image_b])
+        return image_a, image_b, box, features
+
+    def what_dino_sees(self, source: ImageSource, share: float = DEFAULT_SHARE,
+                       progress: Progress | None = None) -> SightResult:
+        """The last layer's CLS attention per head, the mask holding `share` % of it, and the feature colours."""
+        share, timer, report = check_share(share), _Timer(), progress or _quiet
+        report(0.0, "Checking the image")
+        with timer.step("load"):
+            image = self.load(source)
+        report(0.4, "Looking")
+        with timer.step("model"):
+            attended = self.embedder.attend([image])
+        with timer.step("colours"):
+            sight = attention.look(attended, share)[0]
+        report(0.8, "Drawing")
+        with timer.step("draw"):
+            shown = draw.shrunk(image, SIGHT_SIDE)
+            pictures = (draw.draw_attention_maps(image, sight.heads), draw.draw_mask(shown, sight.mask),
+                        draw.draw_colours(shown, sight.colours, sight.foreground))
+        return SightResult(*pictures, sight, share, self.model_name, timer.done())
+
+    def what_dino_sees_video(self, source: VideoSource, share: float, out_dir: Path,
+                             progress: Progress | None = None) -> ClipResult:
+        """What DINO sees on every sampled frame of a clip, written to `out_dir` as an MP4 (mask | colours).
+        Every frame passes the face gate before any is analysed; a face anywhere refuses the whole clip."""
+        share, timer, report = check_share(share), _Timer(), progress or _quiet
+        report(0.0, "Reading the clip")
+        with timer.step("decode"):
+            clip = read_clip(source, self.clip_limits)
+        with timer.step("face_gate"):
+            for i, (frame, time_) in enumerate(zip(clip.frames, clip.times)):
+                report(0.05 + 0.3 * i / len(clip.frames), f"Checking frame {i + 1} of {len(clip.frames)} for faces")
+                check = self.gate.check(frame)
+                if check.has_face:
+                    raise FaceRefused(check, f"Frame {i + 1} of the clip (at {time_:.1f} s)", "clip")
+        with timer.step("model"):
+            attended = self._attend_frames(clip.frames, report)
+        with timer.step("colours"):
+            sights = attention.look(attended, share)  # one basis for all frames: a part keeps its colour
+        report(0.85, "Drawing the frames")
+        with timer.step("draw"):
+            panels = []
+            for frame, sight in zip(clip.frames, sights):
+                shown = draw.shrunk(frame, FRAME_SIDE)
+                panels.append(draw.side_by_side([draw.draw_mask(shown, sight.mask),
+                                                 draw.draw_colours(shown, sight.colours, sight.foreground)],
+                                                shown.height, gap=8))
+        report(0.95, "Writing the video")
+        with timer.step("encode"):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            video = write_video(panels, clip.rate, out_dir / f"what-dino-sees-{uuid.uuid4().hex[:12]}.mp4")
+        return ClipResult(video, sights, clip.times, share, self.model_name, timer.done())
+
+    def _attend_frames(self, frames: list[Image.Image], report: Progress) -> Attended:
+        step, parts = self.embedder.batch_size, []
+        for start in range(0, len(frames), step):
+            report(0.35 + 0.5 * start / len(frames), f"Looking at frames {start + 1}-{min(start + step, len(frames))}")
+            parts.append(self.embedder.attend(frames[start:start + step]))
+        return Attended.joined(parts)
+
+    @property
+    def model_name(self) -> str:
+        """The backbone as people read it, with whether it has registers (its attention maps differ)."""
+        return f"{short_name(self.embedder.model_id)} ({describe_registers(self.embedder.model_type, self.embedder.num_prefix_tokens - 1)})"
 
     def result_image(self, image_id: int, index: Index | None = None) -> Image.Image:
         """The stored thumbnail of an indexed image (a grey tile if the index kept none); a removed
@@ -237,6 +380,18 @@ def _thumbnail(row: dict) -> Image.Image:
     w, h = row["width"], row["height"]
     scale = THUMB_SIDE / max(w, h)
     return draw.draw_placeholder((max(1, round(w * scale)), max(1, round(h * scale))))
+
+
+def check_share(share) -> float:
+    """The mask's share of the attention mass in percent, from any number a client sends."""
+    if isinstance(share, bool) or not isinstance(share, (int, float, np.number)) or not 1 <= share <= 100:
+        raise UserError(f"The share of attention to keep must be a percentage from 1 to 100 (got {share!r}); "
+                        f"{DEFAULT_SHARE} is DINO's own choice.")
+    return float(share)
+
+
+def _rounded_ms(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 1) for k, v in timings.items()}
 
 
 def _quiet(fraction: float, what: str) -> None:

@@ -34,9 +34,9 @@ class FaceCheck:
 
 class FaceRefused(UserError):
     """The image shows a person's face, and photos of people are not accepted; `check` holds what was found."""
-    def __init__(self, check: FaceCheck):
-        super().__init__(f"This image shows a person's face ({len(check.boxes)} found). "
-                         "Photos of people are not accepted; please upload another image.")
+    def __init__(self, check: FaceCheck, what: str = "This image", instead: str = "image"):
+        super().__init__(f"{what} shows a person's face ({len(check.boxes)} found). "
+                         f"Photos of people are not accepted; please upload another {instead}.")
         self.check = check
 
 

@@ -49,6 +49,22 @@ class Features:
         return Features(self.cls[i:i + 1], self.patches[i:i + 1], self.grid, [self.sizes[i]])
 
 
+@dataclass
+class Attended:
+    """Features of a batch of images and where each one's CLS token looks (Embedder.attend)."""
+
+    features: Features
+    attention: np.ndarray  # (n, heads, gh, gw) float32: last layer's CLS attention to each patch (registers left out)
+
+    @classmethod
+    def joined(cls, parts: list["Attended"]) -> "Attended":
+        """One batch of several, in order."""
+        features = [p.features for p in parts]
+        return cls(Features(np.concatenate([f.cls for f in features]), np.concatenate([f.patches for f in features]),
+                            features[0].grid, [s for f in features for s in f.sizes]),
+                   np.concatenate([p.attention for p in parts]))
+
+
 def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
     """(S, S, 3) uint8 model input: the RGB image resized to the square input size.
 
@@ -249,17 +265,35 @@ class Embedder:
         return ((x - self._mean) / self._std).to(self.dtype)
 
     @torch.inference_mode()
-    def attention(self, image: Image.Image) -> np.ndarray:
-        """(heads, gh, gw) float32: how much the last layer's CLS token attends to each patch."""
-        pixels = self._to_input(prepare_image(image, self.input_size)[None])
+    def attend(self, images: list[Image.Image]) -> Attended:
+        """Features and the last layer's CLS attention of RGB images, from one forward pass per batch.
+
+        Always plain torch with eager attention (SDPA and the ONNX export return no attention weights), so the
+        features can differ a little from `embed`'s on a CPU; they are only compared with each other.
+        """
+        parts = [self._attend_batch(images[start : start + self.batch_size])
+                 for start in range(0, len(images), self.batch_size)]
+        if not parts:
+            raise ValueError("attend() needs at least one image")
+        return Attended.joined(parts)
+
+    def _attend_batch(self, images: list[Image.Image]) -> Attended:
+        pixels = self._to_input(np.stack([prepare_image(im, self.input_size) for im in images]))
         with self._lock:
-            self.model.set_attn_implementation("eager")  # SDPA does not return attention weights
+            self.model.set_attn_implementation("eager")
             try:
                 out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
             finally:
                 self.model.set_attn_implementation("sdpa")
-        last = out.attentions[-1][0, :, 0, self.num_prefix_tokens :].float()
-        return last.reshape(-1, *self.grid).cpu().numpy()
+        hidden = torch.nn.functional.normalize(out.last_hidden_state.float(), dim=-1)
+        features = Features(hidden[:, 0].cpu().numpy(), hidden[:, self.num_prefix_tokens:].cpu().numpy(),
+                            self.grid, [im.size for im in images])
+        last = out.attentions[-1][:, :, 0, self.num_prefix_tokens:].float()  # (n, heads, patches)
+        return Attended(features, last.reshape(len(images), -1, *self.grid).cpu().numpy())
+
+    def attention(self, image: Image.Image) -> np.ndarray:
+        """(heads, gh, gw) float32: how much the last layer's CLS token attends to each patch."""
+        return self.attend([image]).attention[0]
 
 
 def _processor_size(settings: dict) -> int | None:

@@ -1,4 +1,4 @@
-"""The Gradio app: three tabs over one Engine, and three stable API endpoints.
+"""The Gradio app: four tabs over one Engine, and six stable API endpoints.
 
 Region input is a RECTANGLE the user drags with the mouse (gradio_image_annotation, single box):
 a box is one gesture, maps exactly onto whole patches of the grid, and is what clients send
@@ -13,12 +13,17 @@ API (gradio_client, see README):
   /search_image   (image, k)                              -> (gallery, json)
   /search_region  (image, x0, y0, x1, y1, k, heat)        -> (gallery, json)
   /match_patches  (image_a, image_b, x0, y0, x1, y1, n)   -> (picture, summary, json)
+  /co_segment     (image_a, image_b)                      -> (picture, json)
+  /what_dino_sees (image, share)                          -> (maps, mask, colours, json)
+  /what_dino_sees_video (video, share)                    -> (video, json)
   Boxes are in the image's own pixels; for /match_patches leave x0..y1 as None for no box.
+  `share` is the percentage of the attention mass the object mask keeps (DINO's 60 by default).
 """
 from __future__ import annotations
 
 import base64
 import functools
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +31,12 @@ import gradio as gr
 from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
 
+from .attention import DEFAULT_SHARE
 from .backbones import short_name
 from .config import BUNDLED_COLLECTION, Settings
 from .engine import Engine, MatchResult, Progress, SearchResults
 from .errors import UserError
+from .faces import FaceRefused
 from .geometry import Box
 from .matching import MATCH_LINES
 
@@ -39,6 +46,7 @@ EXAMPLE_REGIONS = [  # file, box around the object in its pixels
     ("lomiri-dogs-at-window.jpg", (98, 112, 182, 202)),
     ("mate-red-marigold.jpg", (180, 55, 512, 300)),
 ]
+EXAMPLE_SIGHTS = ["lomiri-dogs-at-window.jpg", "mate-ladybird-on-grass.jpg", "plasma-foggy-pier.jpg"]
 EXAMPLE_PAIRS = [("mate-red-marigold.jpg", "mate-yellow-flower.jpg"),
                  ("plasma-foggy-pier.jpg", "plasma-wooden-jetty-lake.jpg")]
 CSS = """
@@ -53,6 +61,7 @@ CSS = """
 .refusal { border: 2px solid #d97706; background: #fffbeb; border-radius: 8px; padding: 10px 14px !important; }
 .refusal p { margin: 0; color: #7c2d12; }
 .refusal .refusal { border: none; background: none; padding: 0 !important; }  /* the block's inner copy of the class */
+#sees-model p { margin: 0; }
 """
 # Every event: handlers get payloads undecoded (see above), and all share one concurrency group:
 # Gradio otherwise limits each event separately, so `concurrency` would apply per endpoint and
@@ -93,6 +102,14 @@ def uploaded_file(path: str) -> str:
         raise gr.Error("The uploaded image is no longer on the server (uploads are deleted after a while); "
                        "please upload it again.", print_exception=False)
     return str(resolved)
+
+
+def percentage(value: Any) -> float:
+    """A slider's or a client's share as a number; the engine says what range it must lie in."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"The share of attention to keep must be a number from 1 to 100 (got {value!r}).") from None
 
 
 def drawn_box(boxes: list[dict] | None) -> Box | None:
@@ -199,8 +216,8 @@ class Handlers:
     engine method and formats the result. Gradio names an event after its function's name, and the
     `gr.Progress` default and `gr.SelectData` hint are how it knows what to pass: keep both."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, upload_lifetime: int = 3600):
+        self.engine, self.upload_lifetime = engine, upload_lifetime
 
     def intro_on_page(self) -> str:
         """The page's header as the index is now (images added or removed since the app started)."""
@@ -246,6 +263,43 @@ class Handlers:
         image_a, box = annotation_box(value_a)
         return show_match(self.engine.match(image_a, image_path(image_b), box, whole_number(n, "number of lines"),
                                             reporter(progress)))
+
+
+    @user_errors
+    def co_segment(self, image_a: Any, image_b: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        result = self.engine.co_segment(image_path(image_a), image_path(image_b), reporter(progress))
+        return result.picture, result.to_json()
+
+    @user_errors
+    def co_segment_drawn(self, value_a: dict | None, image_b: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        image_a, _ = annotation_box(value_a)  # the parts of the whole of A: a box does not apply
+        return self.co_segment(image_a, image_b, progress)
+
+    @user_errors
+    def what_dino_sees(self, image: Any, share: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        result = self.engine.what_dino_sees(image_path(image), percentage(share), reporter(progress))
+        return result.maps, result.mask, result.colours, result.to_json()
+
+    @user_errors
+    def what_dino_sees_video(self, video: Any, share: Any, progress: gr.Progress = gr.Progress()) -> tuple:
+        path = image_path(video)  # an unprocessed video payload is a FileData like an image's
+        if not isinstance(path, str):
+            raise gr.Error("Upload a short clip first (MP4, WebM or GIF).", print_exception=False)
+        try:
+            result = self.engine.what_dino_sees_video(path, percentage(share), self.clip_folder(), reporter(progress))
+        except FaceRefused:
+            Path(path).unlink(missing_ok=True)  # nothing of a clip showing a person is kept
+            raise
+        return str(result.video), result.to_json()
+
+    def clip_folder(self) -> Path:
+        """Where result videos are written (Gradio serves them from its copy); older ones are deleted."""
+        folder = Path(gr_utils.get_upload_folder()) / "what-dino-sees"
+        cutoff = time.time() - self.upload_lifetime
+        for old in folder.glob("*.mp4"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+        return folder
 
 
 # --- pieces the tabs share -----------------------------------------------------------------------
@@ -356,14 +410,77 @@ def match_tab(handlers: Handlers) -> None:
                            interactive=False, format="jpeg", elem_id="match-picture")
         summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
         result_json = json_accordion("Matched point pairs (x, y in each image's pixels)", "match-json")
-        with gr.Row(visible=False):  # inputs of the API-only /match_patches
+        with gr.Accordion("Co-segmentation: the parts of A and B that agree, coloured alike", open=False):
+            parts_button = gr.Button("Colour the parts that agree", elem_id="co-segment")
+            parts_notice = refusal_notice("parts-notice")
+            parts = gr.Image(label="Parts that agree (one colour basis fitted on both images; the rest greyed)",
+                             type="pil", interactive=False, format="jpeg", elem_id="parts-picture")
+            parts_json = json_accordion("Masks of the agreeing parts", "parts-json")
+        with gr.Row(visible=False):  # inputs of the API-only /match_patches and /co_segment
             api_a, api_b = gr.Image(type="filepath", label="image_a"), gr.Image(type="filepath", label="image_b")
             api_box, api_button = box_numbers(), gr.Button("match_patches")
+            api_parts_button = gr.Button("co_segment")
     outputs = [picture, summary, result_json]
     api_button.click(handlers.match_patches, [api_a, api_b, *api_box, n], outputs, api_name="match_patches",
                      **EVENT_OPTIONS)
     button.click(shown_in_place(handlers.match_patches_drawn, (None, "", None)), [drawn_a, image_b, n],
                  [*outputs, notice], api_visibility="private", **EVENT_OPTIONS)
+    api_parts_button.click(handlers.co_segment, [api_a, api_b], [parts, parts_json], api_name="co_segment",
+                           **EVENT_OPTIONS)
+    parts_button.click(shown_in_place(handlers.co_segment_drawn, (None, None)), [drawn_a, image_b],
+                       [parts, parts_json, parts_notice], api_visibility="private", **EVENT_OPTIONS)
+
+
+def share_slider() -> gr.Slider:
+    return gr.Slider(10, 95, value=DEFAULT_SHARE, step=5, label="Attention kept in the object mask (%)")
+
+
+def sight_tab(handlers: Handlers, settings: Settings) -> None:
+    """What DINO sees in a photo or a short clip, and /what_dino_sees, /what_dino_sees_video."""
+    with gr.Tab("What DINO sees", id="sees"):
+        gr.Markdown(f"Model: **{handlers.engine.model_name}**. The last layer's attention of the CLS token outlines "
+                    "objects with no labels; the patch features' first three principal components, painted as "
+                    "colours, light up the same parts alike.", elem_id="sees-model")
+        with gr.Row():
+            with gr.Column(scale=2):
+                photo = gr.Image(type="filepath", label="Photo", sources=["upload", "clipboard", "webcam"],
+                                 height=300, elem_id="sees-photo")
+                share = share_slider()
+                button = gr.Button("Look", variant="primary", elem_id="sees-look")
+                gr.Examples([[example(f)] for f in EXAMPLE_SIGHTS], inputs=[photo], label="Examples")
+            with gr.Column(scale=3):
+                notice = refusal_notice("sees-notice")
+                maps = gr.Image(label="Where the CLS token looks: each head of the last layer, and their mean",
+                                type="pil", interactive=False, format="jpeg", elem_id="sees-maps")
+                with gr.Row():
+                    mask = gr.Image(label="Object mask", type="pil", interactive=False, format="jpeg",
+                                    elem_id="sees-mask")
+                    colours = gr.Image(label="Feature colours (PCA; background greyed)", type="pil",
+                                       interactive=False, format="jpeg", elem_id="sees-colours")
+                result_json = json_accordion("Mask: box, share and run-length encoding per part", "sees-json")
+        with gr.Row():
+            with gr.Column(scale=2):
+                clip = gr.Video(label=f"Short clip (MP4, WebM or GIF; up to {settings.video_seconds} s, "
+                                f"{settings.video_fps} frames a second analysed)", sources=["upload"],
+                                height=260, elem_id="sees-clip")
+                clip_share = share_slider()
+                clip_button = gr.Button("Look at every frame", variant="primary", elem_id="sees-look-clip")
+            with gr.Column(scale=3):
+                clip_notice = refusal_notice("sees-clip-notice")
+                video = gr.Video(label="Object mask | feature colours, frame by frame", interactive=False,
+                                 autoplay=True, loop=True, height=300, elem_id="sees-video")
+                clip_json = json_accordion("Per frame: time, mask, timings", "sees-clip-json")
+        with gr.Row(visible=False):  # inputs of the API-only endpoints
+            api_photo, api_clip = gr.Image(type="filepath", label="image"), gr.Video(label="video")
+            api_button, api_clip_button = gr.Button("what_dino_sees"), gr.Button("what_dino_sees_video")
+    outputs = [maps, mask, colours, result_json]
+    api_button.click(handlers.what_dino_sees, [api_photo, share], outputs, api_name="what_dino_sees", **EVENT_OPTIONS)
+    button.click(shown_in_place(handlers.what_dino_sees, (None, None, None, None)), [photo, share],
+                 [*outputs, notice], api_visibility="private", **EVENT_OPTIONS)
+    api_clip_button.click(handlers.what_dino_sees_video, [api_clip, clip_share], [video, clip_json],
+                          api_name="what_dino_sees_video", **EVENT_OPTIONS)
+    clip_button.click(shown_in_place(handlers.what_dino_sees_video, (None, None)), [clip, clip_share],
+                      [video, clip_json, clip_notice], api_visibility="private", **EVENT_OPTIONS)
 
 
 # --- the app -------------------------------------------------------------------------------------
@@ -376,7 +493,7 @@ def intro(engine: Engine) -> str:
 
 def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
     """The Blocks app with its queue set up; launch it with `launch_options(settings)`."""
-    handlers = Handlers(engine)
+    handlers = Handlers(engine, settings.upload_lifetime)
     # Uploads and result pictures live in Gradio's temp folder and are deleted once older than
     # upload_lifetime (checked every quarter of it), and all of them when the server stops.
     lifetime = settings.upload_lifetime
@@ -385,6 +502,7 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
         image_tab(handlers, settings)
         region_tab(handlers, settings)
         match_tab(handlers)
+        sight_tab(handlers, settings)
         # The index may change while the app runs (LiveIndex): each page load shows its count now.
         demo.load(handlers.intro_on_page, None, header, api_visibility="private", queue=False)
     return demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)

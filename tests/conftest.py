@@ -166,3 +166,32 @@ def upload_dir():
 def index_file(folder: Path, name: str) -> Path:
     """Where a file of a freshly built index lies: the manifest on top, the rest in its one segment."""
     return folder / name if name == "manifest.json" else folder / "seg-000000" / name
+
+
+# --- short clips, for the video part of "What DINO sees" ------------------------------------------
+
+def face_photo_path() -> str:
+    import matplotlib.cbook
+
+    return str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+
+
+def write_clip(path: Path, seconds: float = 2.0, fps: int = 24, size: tuple[int, int] = (320, 240),
+               codec: str = "libx264", face_at: int | None = None) -> Path:
+    """A clip panning across a bundled photo (the frame `face_at`, if given, shows a person's face instead),
+    written with PyAV: MP4 for libx264, WebM for libvpx, GIF for gif."""
+    import av
+
+    photo = Image.open(ROOT / "assets" / "collection" / "mate-red-marigold.jpg").convert("RGB")
+    face = Image.open(face_photo_path()).convert("RGB").resize(size)
+    count, (w, h) = round(seconds * fps), size
+    with av.open(str(path), mode="w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for i in range(count):
+            x = round((photo.width - w) * i / max(1, count - 1))
+            frame = face if i == face_at else photo.crop((x, 0, x + w, min(h, photo.height))).resize(size)
+            out.mux(stream.encode(av.VideoFrame.from_image(frame)))
+        out.mux(stream.encode())
+    return path

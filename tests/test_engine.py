@@ -21,11 +21,15 @@ class CountingEmbedder:
     """Wraps a real embedder and counts the images it is asked to embed."""
 
     def __init__(self, inner):
-        self.inner, self.embedded = inner, 0
+        self.inner, self.embedded, self.attended = inner, 0, 0
 
     def embed(self, images):
         self.embedded += len(images)
         return self.inner.embed(images)
+
+    def attend(self, images):
+        self.attended += len(images)
+        return self.inner.attend(images)
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -131,3 +135,96 @@ def test_result_pictures_have_the_box_drawn(engine, indexed):
     plain = np.asarray(engine.result_image(item.id), dtype=int)
     drawn = np.asarray(item.picture, dtype=int)
     assert np.abs(plain - drawn).sum() > 0  # something was drawn on the thumbnail
+
+
+# --- what DINO sees ------------------------------------------------------------------------------
+
+class FaceInFrame:
+    """A stub detector that finds a "face" only in pictures with a white square in the top-left corner,
+    and counts the pictures it was shown."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, rgb):
+        self.seen += 1
+        return [((0, 0, 16, 16), 0.99)] if rgb[4:12, 4:12].min() > 220 else []
+
+
+def test_what_dino_sees_draws_maps_mask_and_colours_with_the_mask_in_json(engine, indexed):
+    from dino_demo.attention import pixel_mask
+    from conftest import make_image
+
+    image = make_image(3, (200, 120))
+    result = engine.what_dino_sees(image, 60)
+    heads = result.sight.heads
+    assert heads.shape[0] == 2 and result.maps.width > result.maps.height  # photo, mean and 2 heads in a row
+    assert result.mask.size == result.colours.size == (200, 120)
+    out = json.loads(json.dumps(result.to_json()))
+    assert out["share"] == 60 and out["heads"] == 2 and out["width"] == 200 and out["height"] == 120
+    assert 0 < out["mask"]["share"] <= 1 and {"model", "colours", "draw", "total"} <= set(out["timings_ms"])
+    assert out["model"].startswith("tiny-dino-vit")
+    # the share of attention held by the mask is at least the share asked for
+    mean = heads.mean(axis=0)
+    assert mean[result.sight.mask].sum() >= 0.6 * mean.sum() - 1e-6
+    # what lies outside the mask is dimmed in the picture
+    inside = pixel_mask(result.sight.mask, (200, 120))
+    shown, original = np.asarray(result.mask, float), np.asarray(image, float)
+    assert shown[~inside].mean() < 0.5 * original[~inside].mean()
+    assert (engine.embedder.embedded, engine.embedder.attended) == (0, 1)  # one pass gives attention and features
+
+
+@pytest.mark.parametrize("share", [0, 101, "lots", None, True])
+def test_a_share_outside_1_to_100_is_refused(engine, share):
+    from conftest import make_image
+    from dino_demo.errors import UserError
+
+    with pytest.raises(UserError, match="percentage from 1 to 100"):
+        engine.what_dino_sees(make_image(1), share)
+
+
+def test_a_clip_gives_a_video_and_a_mask_per_frame(engine, tmp_path):
+    from conftest import write_clip
+    from dino_demo.frames import read_clip
+
+    clip = write_clip(tmp_path / "pan.mp4", seconds=2, fps=24)
+    shown = []
+    result = engine.what_dino_sees_video(str(clip), 60, tmp_path / "out", lambda f, what: shown.append(f))
+    out = json.loads(json.dumps(result.to_json()))
+    assert len(out["frames"]) == 16 and [f["frame"] for f in out["frames"]] == list(range(16))
+    assert out["frames"][1]["time"] == pytest.approx(0.125, abs=0.01)
+    assert all(0 < f["mask"]["share"] <= 1 for f in out["frames"])
+    assert {"decode", "face_gate", "model", "draw", "encode", "total"} <= set(out["timings_ms"])
+    assert out["seconds_per_frame"] > 0
+    video = read_clip(result.video)
+    assert len(video.frames) == 16 and video.size[0] > 1.9 * video.size[1]  # mask | colours, side by side
+    assert shown == sorted(shown) and shown[-1] < 1
+
+
+def test_a_face_in_any_frame_refuses_the_clip_before_any_frame_is_analysed(indexed, tmp_path):
+    from conftest import write_clip
+    from dino_demo.faces import FaceRefused
+    from dino_demo.frames import read_clip, write_video
+
+    _, embedder, index = indexed
+    detector = FaceInFrame()
+    engine = Engine(CountingEmbedder(embedder), index, FaceGate(detector=detector, turns=(0,)), 40_000_000, 25_000_000)
+    frames = read_clip(write_clip(tmp_path / "pan.mp4", seconds=2, fps=8)).frames
+    frames[11].paste((255, 255, 255), (0, 0, 16, 16))  # the stub's "face"
+    white = write_video(frames, 8, tmp_path / "white.mp4")
+    out = tmp_path / "out"
+    with pytest.raises(FaceRefused, match=r"Frame 12 of the clip \(at 1\.4 s\) shows a person's face.*another clip"):
+        engine.what_dino_sees_video(str(white), 60, out)
+    assert detector.seen == 12 and engine.embedder.attended == 0  # checked up to the face; the model saw none
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_co_segment_colours_both_images_side_by_side(engine):
+    from conftest import make_image
+
+    result = engine.co_segment(make_image(1, (160, 120)), make_image(1, (160, 120)))
+    assert result.picture.height == 120 and result.picture.width > 2 * 160
+    out = json.loads(json.dumps(result.to_json()))
+    assert len(out["images"]) == 2 and {"embed", "colours", "draw"} <= set(out["timings_ms"])
+    # an image with itself: every patch's best match is itself
+    assert out["images"][0]["mean_best_similarity"] == pytest.approx(1.0, abs=1e-4)

@@ -102,3 +102,16 @@ def test_bfloat16_features_stay_close_to_float32(tiny_vit):
     low = half.embed(images)
     assert low.cls.dtype == np.float32  # returned as float32 whatever the compute type
     assert np.min(np.sum(full.cls * low.cls, axis=1)) > 0.98
+
+
+def test_attend_gives_features_and_attention_of_a_batch_as_one_by_one(embedder):
+    images = [make_image(i, (80 + 9 * i, 60)) for i in range(11)]  # more than one batch of 8
+    together = embedder.attend(images)
+    assert together.attention.shape == (11, 2, 4, 4) and together.features.patches.shape == (11, 16, 32)
+    assert together.features.sizes == [im.size for im in images]
+    for i in (0, 10):
+        alone = embedder.attend([images[i]])
+        np.testing.assert_allclose(together.attention[i], alone.attention[0], atol=1e-5)
+        np.testing.assert_allclose(together.features.patches[i], alone.features.patches[0], atol=1e-5)
+    # the features are the model's: the same as embed's (plain torch here) up to float error
+    np.testing.assert_allclose(together.features.cls, embedder.embed(images).cls, atol=1e-4)
