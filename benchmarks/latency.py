@@ -1,5 +1,8 @@
 """Latency of each API endpoint through gradio_client, on the default collection, split by step.
 
+/what_dino_sees_video is timed on a 5 s, 640 x 360 clip at 24 frames/s (40 frames analysed at 8 a
+second), and its seconds per analysed frame are printed as well.
+
 Uses a ViT-S/16-sized model with random weights (same compute as facebook/dino-vits16 at 224 px),
 so it runs offline. The app runs as its own process (`python app.py`, real face gate). Prints p50 /
 p95 in ms of: load (decode + face gate), embed, search, draw, total (inside the engine) and round
@@ -7,7 +10,7 @@ trip (client to client, with uploads and the queue). With `--baseline REV` the a
 (a git worktree) runs beside it with the same settings, calls alternate between the two, and the
 ratio of their round trips is printed: these machines are too noisy to compare runs made apart.
 
-    python benchmarks/latency.py [--runs 20] [--device cpu] [--baseline 4f124cb]
+    python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb]
 """
 from __future__ import annotations
 
@@ -24,8 +27,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 COLLECTION = ROOT / "assets" / "collection"
-STEPS = ("load", "embed", "search", "draw", "total", "round_trip")
-ENDPOINTS = ("/search_image", "/search_region", "/match_patches")
+STEPS = ("load", "decode", "face_gate", "embed", "model", "search", "colours", "draw", "encode", "total", "round_trip")
+ENDPOINTS = ("/search_image", "/search_region", "/match_patches", "/co_segment", "/what_dino_sees",
+             "/what_dino_sees_video")
+CLIP = dict(seconds=5, fps=24, size=(640, 360))
+
+
+def write_clip(path: Path) -> Path:
+    """A clip panning across a bundled photo, as a phone clip would move over a scene."""
+    from PIL import Image
+
+    from dino_demo.frames import write_video
+
+    photo = Image.open(COLLECTION / "mate-red-marigold.jpg").convert("RGB")
+    photo = photo.resize((photo.width * 2, photo.height * 2), Image.Resampling.BICUBIC)
+    (w, h), count = CLIP["size"], CLIP["seconds"] * CLIP["fps"]
+    frames = [photo.crop((x := round((photo.width - w) * i / (count - 1)), 0, x + w, h)) for i in range(count)]
+    return write_video(frames, CLIP["fps"], path)
 
 
 
@@ -46,11 +64,15 @@ def start_apps(model: Path, tmp: Path, device: str, baseline: str | None) -> dic
     return urls
 
 
-def calls(client, handle_file) -> dict:
+def calls(client, handle_file, clip: Path) -> dict:
     """One call per endpoint, cycling through the collection so no two calls in a row are the same."""
     files = sorted(COLLECTION.glob("*.jpg"))
     pick = lambda i: handle_file(str(files[i % len(files)]))  # noqa: E731
     return {
+        "/co_segment": lambda i: client.predict(pick(i), pick(i + 1), api_name="/co_segment")[1],
+        "/what_dino_sees": lambda i: client.predict(pick(i), 60, api_name="/what_dino_sees")[3],
+        "/what_dino_sees_video": lambda i: client.predict(handle_file(str(clip)), 60,
+                                                          api_name="/what_dino_sees_video")[1],
         "/search_image": lambda i: client.predict(pick(i), 8, api_name="/search_image")[1],
         "/search_region": lambda i: client.predict(pick(i), 100, 60, 300, 260, 8, False, api_name="/search_region")[1],
         "/match_patches": lambda i: client.predict(pick(i), pick(i + 1), None, None, None, None, 50,
@@ -58,9 +80,14 @@ def calls(client, handle_file) -> dict:
     }
 
 
+def served(client) -> set[str]:
+    """The endpoints an app offers (a baseline may predate some)."""
+    return set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+
+
 def measure(calls_by_app: dict, runs: int) -> dict[str, dict[str, list[float]]]:
     """Per app, each step's times; the apps' calls alternate so that noise falls on both alike."""
-    times = {name: {step: [] for step in STEPS} for name in calls_by_app}
+    times = {name: {step: [] for step in (*STEPS, "per_frame")} for name in calls_by_app}
     for call in calls_by_app.values():
         call(0)  # warm-up: first-call allocations, MediaPipe graph loading
     for i in range(1, runs + 1):
@@ -70,12 +97,15 @@ def measure(calls_by_app: dict, runs: int) -> dict[str, dict[str, list[float]]]:
             times[name]["round_trip"].append((time.perf_counter() - started) * 1000)
             for step, ms in result["timings_ms"].items():
                 times[name][step].append(ms)
+            if "seconds_per_frame" in result:
+                times[name]["per_frame"].append(result["seconds_per_frame"] * 1000)
     return times
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--clip-runs", type=int, default=5, help="calls of /what_dino_sees_video (each several seconds)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     args = p.parse_args()
@@ -85,15 +115,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device, args.baseline)
         clients = {name: Client(url, verbose=False, download_files=False) for name, url in urls.items()}
+        clip = write_clip(Path(tmp) / "clip.mp4")
         print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
               f"{torch.get_num_threads()} threads; ms as p50 / p95")
         print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
         for endpoint in ENDPOINTS:
-            times = measure({name: calls(client, handle_file)[endpoint] for name, client in clients.items()}, args.runs)
+            apps = {name: client for name, client in clients.items() if endpoint in served(client)}
+            runs = args.clip_runs if endpoint.endswith("video") else args.runs
+            times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, runs)
             for name, steps in times.items():
                 cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
                          for v in (steps[s] for s in STEPS)]
                 print(f"{endpoint:<16}{name:<5}" + "".join(f"{c:>16}" for c in cells))
+                if steps["per_frame"]:
+                    print(f"{endpoint:<16}{name:<5}ms per analysed frame p50 / p95: "
+                          f"{np.percentile(steps['per_frame'], 50):.1f} / {np.percentile(steps['per_frame'], 95):.1f}")
             if "old" in times:
                 new, old = (np.percentile(times[n]["round_trip"], 50) for n in ("new", "old"))
                 print(f"{endpoint:<16}round trip p50 new / old = {new / old:.2f}")

@@ -44,8 +44,9 @@ def fit_basis(patches: np.ndarray, k: int = 3) -> Basis:
     on the same features gives the same colours; the range is the 1st to 99th percentile, so a few
     outlying patches do not wash the rest out."""
     mean = patches.mean(axis=0)
-    _, _, vt = np.linalg.svd(patches - mean, full_matrices=False)
-    axes = vt[:k]
+    centred = (patches - mean).astype(np.float64)
+    _, vectors = np.linalg.eigh(centred.T @ centred)  # (d, d): cheaper than an SVD of (n, d) for a clip's n
+    axes = vectors[:, ::-1][:, :min(k, len(patches))].T.astype(np.float32)
     axes *= np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])[:, None]
     if len(axes) < k:  # fewer patches than components: the missing ones stay at mid-grey
         axes = np.concatenate([axes, np.zeros((k - len(axes), patches.shape[1]), axes.dtype)])

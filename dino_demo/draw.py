@@ -132,9 +132,10 @@ def draw_attention_maps(image: Image.Image, heads: np.ndarray, columns: int = 4)
     for i, (tile, label) in enumerate(tiles):
         x, y = (i % columns) * (TILE + gap), (i // columns) * (TILE + gap)
         sheet.paste(tile, (x + (TILE - tile.width) // 2, y + (TILE - tile.height) // 2))
-        left, top, right, bottom = pen.textbbox((x + 4, y + 3), label, font=font)
+        at = (x + 4, y + TILE - 18)  # bottom left: a viewer's own label covers the top left
+        left, top, right, bottom = pen.textbbox(at, label, font=font)
         pen.rectangle((left - 3, top - 2, right + 3, bottom + 2), fill=EDGE_COLOUR)
-        pen.text((x + 4, y + 3), label, fill=(255, 255, 255), font=font)
+        pen.text(at, label, fill=(255, 255, 255), font=font)
     return sheet
 
 

@@ -10,7 +10,7 @@ import io
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,7 +34,9 @@ from .search import Hit, SearchError, check_k, search_image, search_region
 
 Progress = Callable[[float, str], None]  # (fraction done, what is happening now)
 SIGHT_SIDE = 640  # longer side of the mask and colour pictures of a photo
-FRAME_SIDE = 480  # ... of each of a clip's two panels
+# A clip's frames are shrunk to this before anything else: the face gate checks, the model sees and the video
+# shows the same picture, and at the gate's tile size a frame needs no tiles (a quarter of its time at 1080p).
+FRAME_SIDE = 512
 
 
 def load_embedder(settings: Settings, built: dict | None = None) -> Embedder:
@@ -321,24 +323,22 @@ class Engine:
         report(0.0, "Reading the clip")
         with timer.step("decode"):
             clip = read_clip(source, self.clip_limits)
+            frames = [draw.shrunk(frame, FRAME_SIDE) for frame in clip.frames]  # what is checked, analysed, shown
         with timer.step("face_gate"):
-            for i, (frame, time_) in enumerate(zip(clip.frames, clip.times)):
-                report(0.05 + 0.3 * i / len(clip.frames), f"Checking frame {i + 1} of {len(clip.frames)} for faces")
+            for i, (frame, time_) in enumerate(zip(frames, clip.times)):
+                report(0.05 + 0.3 * i / len(frames), f"Checking frame {i + 1} of {len(frames)} for faces")
                 check = self.gate.check(frame)
                 if check.has_face:
                     raise FaceRefused(check, f"Frame {i + 1} of the clip (at {time_:.1f} s)", "clip")
         with timer.step("model"):
-            attended = self._attend_frames(clip.frames, report)
-        with timer.step("colours"):
-            sights = attention.look(attended, share)  # one basis for all frames: a part keeps its colour
+            attended = self._attend_frames(frames, report)
+        with timer.step("colours"):  # one basis for all frames: a part keeps its colour
+            sights = [replace(sight, size=clip.size) for sight in attention.look(attended, share)]
         report(0.85, "Drawing the frames")
         with timer.step("draw"):
-            panels = []
-            for frame, sight in zip(clip.frames, sights):
-                shown = draw.shrunk(frame, FRAME_SIDE)
-                panels.append(draw.side_by_side([draw.draw_mask(shown, sight.mask),
-                                                 draw.draw_colours(shown, sight.colours, sight.foreground)],
-                                                shown.height, gap=8))
+            panels = [draw.side_by_side([draw.draw_mask(frame, sight.mask),
+                                         draw.draw_colours(frame, sight.colours, sight.foreground)], frame.height, gap=8)
+                      for frame, sight in zip(frames, sights)]
         report(0.95, "Writing the video")
         with timer.step("encode"):
             out_dir.mkdir(parents=True, exist_ok=True)

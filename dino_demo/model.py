@@ -12,6 +12,7 @@ drop content a user may box.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -187,7 +188,8 @@ class Embedder:
         std = torch.tensor(processor.get("image_std", IMAGENET_STD), dtype=torch.float32).view(1, 3, 1, 1)
         self._mean, self._std = mean.to(self.device), std.to(self.device)
         self._interpolate = dict(family.forward)  # e.g. DINO's interpolate_pos_encoding; rotary needs none
-        self._lock = threading.Lock()  # one forward at a time; attention() switches the kernel
+        self._lock = threading.Lock()  # one forward at a time; attend() switches the last layer's kernel
+        self._last_layer = LastLayerKernel(self.model)
         order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
         self._onnx: OnnxModel | None = self._load_onnx(order, Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx")
         self.backend: str = self._onnx.backend if self._onnx else "torch"
@@ -268,8 +270,9 @@ class Embedder:
     def attend(self, images: list[Image.Image]) -> Attended:
         """Features and the last layer's CLS attention of RGB images, from one forward pass per batch.
 
-        Always plain torch with eager attention (SDPA and the ONNX export return no attention weights), so the
-        features can differ a little from `embed`'s on a CPU; they are only compared with each other.
+        Always plain torch, the last layer with eager attention (SDPA and the ONNX export return no attention
+        weights; the other layers keep SDPA, which halves the time), so on a CPU the features can differ a little
+        from `embed`'s ONNX ones; they are only compared with each other.
         """
         parts = [self._attend_batch(images[start : start + self.batch_size])
                  for start in range(0, len(images), self.batch_size)]
@@ -280,11 +283,11 @@ class Embedder:
     def _attend_batch(self, images: list[Image.Image]) -> Attended:
         pixels = self._to_input(np.stack([prepare_image(im, self.input_size) for im in images]))
         with self._lock:
-            self.model.set_attn_implementation("eager")
+            self._last_layer.set_attn_implementation("eager")
             try:
                 out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
             finally:
-                self.model.set_attn_implementation("sdpa")
+                self._last_layer.set_attn_implementation("sdpa")
         hidden = torch.nn.functional.normalize(out.last_hidden_state.float(), dim=-1)
         features = Features(hidden[:, 0].cpu().numpy(), hidden[:, self.num_prefix_tokens:].cpu().numpy(),
                             self.grid, [im.size for im in images])
@@ -294,6 +297,26 @@ class Embedder:
     def attention(self, image: Image.Image) -> np.ndarray:
         """(heads, gh, gw) float32: how much the last layer's CLS token attends to each patch."""
         return self.attend([image]).attention[0]
+
+
+class LastLayerKernel:
+    """Switches the attention kernel of the last transformer layer alone. Attention modules read the kernel from
+    their `config`; the last layer's modules get a copy of it, so only they compute attention weights (eager)
+    while the rest stay on SDPA. The same for every family (tests/test_backbones.py checks the maps)."""
+
+    def __init__(self, model: torch.nn.Module):
+        layers = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                  and len(m) == model.config.num_hidden_layers]
+        if not layers:
+            raise UserError(f"{type(model).__name__} has no list of {model.config.num_hidden_layers} layers to read "
+                            "attention from; it is not a ViT this app knows.")
+        self.config = copy.copy(model.config)
+        for module in layers[0][-1].modules():
+            if hasattr(module, "config"):
+                module.config = self.config
+
+    def set_attn_implementation(self, kernel: str) -> None:
+        self.config._attn_implementation = kernel
 
 
 def _processor_size(settings: dict) -> int | None:

@@ -47,6 +47,7 @@ EXAMPLE_REGIONS = [  # file, box around the object in its pixels
     ("mate-red-marigold.jpg", (180, 55, 512, 300)),
 ]
 EXAMPLE_SIGHTS = ["lomiri-dogs-at-window.jpg", "mate-ladybird-on-grass.jpg", "plasma-foggy-pier.jpg"]
+EXAMPLE_CLIP = BUNDLED_COLLECTION.parent / "clips" / "marigold-pan.mp4"
 EXAMPLE_PAIRS = [("mate-red-marigold.jpg", "mate-yellow-flower.jpg"),
                  ("plasma-foggy-pier.jpg", "plasma-wooden-jetty-lake.jpg")]
 CSS = """
@@ -465,6 +466,7 @@ def sight_tab(handlers: Handlers, settings: Settings) -> None:
                                 height=260, elem_id="sees-clip")
                 clip_share = share_slider()
                 clip_button = gr.Button("Look at every frame", variant="primary", elem_id="sees-look-clip")
+                gr.Examples([[str(EXAMPLE_CLIP)]], inputs=[clip], label="Example clip")
             with gr.Column(scale=3):
                 clip_notice = refusal_notice("sees-clip-notice")
                 video = gr.Video(label="Object mask | feature colours, frame by frame", interactive=False,

@@ -34,9 +34,10 @@ def label_of(name: str) -> str:
     raise KeyError(name)
 
 
-def test_api_lists_the_three_named_endpoints(client):
+def test_api_lists_the_six_named_endpoints(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert names == {"/search_image", "/search_region", "/match_patches"}
+    assert names == {"/search_image", "/search_region", "/match_patches", "/co_segment", "/what_dino_sees",
+                     "/what_dino_sees_video"}
 
 
 def test_search_image_finds_the_indexed_image_first(client):
@@ -78,8 +79,37 @@ def test_match_patches_with_a_box_keeps_matches_inside_it(client):
     assert all(180 <= p["a"][0] <= 512 and 55 <= p["a"][1] <= 300 for p in result["pairs"])
 
 
+def test_what_dino_sees_returns_three_pictures_and_the_mask(client):
+    maps, mask, colours, result = client.predict(handle_file(LADYBIRD), 60, api_name="/what_dino_sees")
+    assert maps and mask and colours
+    assert (result["width"], result["height"], result["share"], result["grid"]) == (512, 320, 60, [14, 14])
+    assert 0 < result["mask"]["share"] <= 1 and result["mask"]["components"]
+    for part in result["mask"]["components"]:
+        assert part["rle"]["size"] == [320, 512] and sum(part["rle"]["counts"]) == 320 * 512
+    assert result["model"].startswith("tiny-dino-vit (DINO")
+    _, _, _, wider = client.predict(handle_file(LADYBIRD), 90, api_name="/what_dino_sees")
+    assert wider["mask"]["share"] > result["mask"]["share"]  # more of the attention mass: more of the image
+
+
+def test_what_dino_sees_video_returns_a_video_and_each_frame(client, tmp_path):
+    from conftest import write_clip
+
+    clip = write_clip(tmp_path / "pan.mp4", seconds=1, fps=24)
+    video, result = client.predict(handle_file(str(clip)), 60, api_name="/what_dino_sees_video")
+    assert video["path"].endswith(".mp4")
+    assert len(result["frames"]) == 8 and result["frames"][-1]["time"] == pytest.approx(0.875, abs=0.01)
+    assert result["seconds_per_frame"] > 0 and "face_gate" in result["timings_ms"]
+
+
+def test_co_segment_returns_a_picture_and_both_masks(client):
+    picture, result = client.predict(handle_file(MARIGOLD), handle_file(YELLOW), api_name="/co_segment")
+    assert picture and len(result["images"]) == 2
+    assert all(0 < image["mask"]["share"] < 1 for image in result["images"])
+
+
 @pytest.mark.parametrize("turn", [0, 90, 180, 270])
-@pytest.mark.parametrize("endpoint", ["/search_image", "/search_region", "/match_patches_a", "/match_patches_b"])
+@pytest.mark.parametrize("endpoint", ["/search_image", "/search_region", "/match_patches_a", "/match_patches_b",
+                                      "/what_dino_sees", "/co_segment"])
 def test_face_photo_is_refused_by_every_endpoint_and_the_server_keeps_serving(client, face_photo, endpoint, turn,
                                                                              tmp_path):
     from PIL import Image
@@ -88,6 +118,8 @@ def test_face_photo_is_refused_by_every_endpoint_and_the_server_keeps_serving(cl
     Image.open(face_photo).rotate(turn, expand=True).save(turned)  # pixels turned, no EXIF tag
     face, other = handle_file(str(turned)), handle_file(MARIGOLD)
     calls = {
+        "/what_dino_sees": lambda: client.predict(face, 60, api_name="/what_dino_sees"),
+        "/co_segment": lambda: client.predict(other, face, api_name="/co_segment"),
         "/search_image": lambda: client.predict(face, 3, api_name="/search_image"),
         "/search_region": lambda: client.predict(face, 10, 10, 200, 200, 3, False, api_name="/search_region"),
         "/match_patches_a": lambda: client.predict(face, other, None, None, None, None, 5, api_name="/match_patches"),

@@ -33,12 +33,17 @@ def test_cls_and_patch_vectors_come_from_the_right_tokens_and_attention_skips_th
     features = embedder.embed([image])
     np.testing.assert_allclose(features.cls[0], hidden[0], atol=1e-5)
     np.testing.assert_allclose(features.patches[0], hidden[1 + registers:], atol=1e-5)
-    embedder.model.set_attn_implementation("eager")
+    from transformers import AutoModel
+
+    plain = AutoModel.from_pretrained(str(request.getfixturevalue(fixture)), attn_implementation="eager",
+                                      **FAMILIES[model_type].load).eval()  # every layer eager, as transformers has it
     with torch.inference_mode():
-        attentions = embedder.model(pixel_values=x, output_attentions=True, **FAMILIES[model_type].forward).attentions
-    embedder.model.set_attn_implementation("sdpa")
+        attentions = plain(pixel_values=x, output_attentions=True, **FAMILIES[model_type].forward).attentions
+    assert len(attentions) == 2
     want = attentions[-1][0, :, 0, 1 + registers:].reshape(-1, 4, 4).numpy()
     np.testing.assert_allclose(embedder.attention(image), want, atol=1e-5)
+    attended = embedder.attend([image])  # features from the same pass: the model's own
+    np.testing.assert_allclose(attended.features.patches[0], hidden[1 + registers:], atol=1e-5)
 
 
 @pytest.mark.parametrize("fixture, size", [("tiny_dinov3", 96), ("tiny_dinov2", 112), ("tiny_vit", 96)])

@@ -10,7 +10,7 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, make_image
+from conftest import ROOT, make_image, write_clip
 from PIL import Image
 
 from gradio_client import Client, handle_file
@@ -191,3 +191,50 @@ def test_matching_an_image_with_itself_pairs_every_patch_with_itself(client, app
                                         api_name="/match_patches")
     assert result["count"] == gh * gw and result["mean_score"] == pytest.approx(1.0, abs=1e-3)
     assert all(pair["a"] == pair["b"] for pair in result["pairs"])
+
+
+# --- clips for What DINO sees ----------------------------------------------------------------------
+
+def uploads_named(name: str) -> list:
+    """Files of that name in Gradio's upload folder, where the clip the client sent was saved."""
+    from pathlib import Path
+
+    from gradio import utils as gr_utils
+
+    return list(Path(gr_utils.get_upload_folder()).rglob(name))
+
+
+def test_a_clip_with_a_face_in_frame_40_is_refused_and_not_kept(client, tmp_path):
+    from conftest import write_clip
+
+    clip = write_clip(tmp_path / "face-in-frame-40.mp4", seconds=6, fps=8, face_at=39)
+    with pytest.raises(AppError, match=r"Frame 40 of the clip \(at 4\.9 s\) shows a person's face"):
+        client.predict(handle_file(str(clip)), 60, api_name="/what_dino_sees_video")
+    assert uploads_named("face-in-frame-40.mp4") == []  # nothing of it is kept
+    still_serving(client)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda path: path.write_bytes(b"just some text, named like a video" * 20), "not a video"),
+    (lambda path: path.write_bytes(b""), "empty"),
+    (lambda path: write_clip(path, seconds=11, fps=4, size=(64, 48)), "11.0 s long; the limit is 10 s"),
+    (lambda path: write_clip(path, seconds=1, fps=4, size=(2048, 1152)), "frames are 2048x1152"),
+    (lambda path: cut_before_frames(write_clip(path, seconds=1, fps=8)), "no frames"),
+    (lambda path: Image.open(MARIGOLD).save(path, format="PNG"), "no video"),
+])
+def test_a_bad_clip_gets_a_clear_message_and_the_server_keeps_serving(client, tmp_path, make, words):
+    path = tmp_path / "clip.mp4"
+    make(path)
+    with pytest.raises(AppError, match=words):
+        client.predict(handle_file(str(path)), 60, api_name="/what_dino_sees_video")
+    still_serving(client)
+
+
+def cut_before_frames(path):
+    """The clip rewritten with its index first, then cut where its frames begin: a header, no frames."""
+    from dino_demo.frames import read_clip, write_video
+
+    write_video(read_clip(path).frames, 8, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.find(b"mdat") - 4])
+    return path

@@ -164,3 +164,27 @@ def test_region_example_with_its_box_searches_in_one_click(page):
     page.wait_for_function(
         """() => document.querySelector('#region-results .caption-label')?.innerText.startsWith('two spaniel dogs')""",
         timeout=60_000)
+
+
+def test_what_dino_sees_tab_shows_the_maps_of_a_photo_and_plays_a_clip(page, screenshots, tmp_path):
+    from conftest import write_clip
+
+    page.get_by_role("tab", name="What DINO sees").click()
+    assert "tiny-dino-vit" in page.locator("#sees-model").inner_text()  # the model in use is named
+    page.locator("#sees-photo input[type=file]").set_input_files(str(COLLECTION / "lomiri-dogs-at-window.jpg"))
+    page.locator("#sees-photo img").first.wait_for()
+    page.locator("#sees-look").click()
+    for picture in ("#sees-maps", "#sees-mask", "#sees-colours"):
+        page.wait_for_function(f"""() => document.querySelector('{picture} img')?.naturalWidth > 0""", timeout=60_000)
+    assert page.locator("#sees-maps img").evaluate("i => i.naturalWidth") > 500  # photo, mean and heads in a row
+    clip = write_clip(tmp_path / "pan.mp4", seconds=2, fps=24)
+    page.locator("#sees-clip input[type=file]").set_input_files(str(clip))
+    page.locator("#sees-clip video").first.wait_for()
+    page.locator("#sees-look-clip").click()
+    # the browser decodes the result video: its first frame is ready and it is as long as the clip
+    page.wait_for_function("""() => { const v = document.querySelector('#sees-video video');
+                                      return v && v.readyState >= 2 && v.duration > 1.5; }""", timeout=60_000)
+    width = page.locator("#sees-video video").evaluate("v => v.videoWidth / v.videoHeight")
+    assert width > 1.9  # mask and colours side by side
+    page.wait_for_timeout(500)
+    save_screenshot(page, screenshots, "what-dino-sees")

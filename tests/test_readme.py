@@ -7,22 +7,35 @@ import re
 from conftest import ROOT
 
 
-def readme_api_example() -> str:
+def readme_api_examples() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    found = re.search(r"<!-- api-example.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert found, "README lost its client API example"
-    return found.group(1)
+    found = re.findall(r"<!-- api-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert len(found) == 2, "README lost a client API example"
+    return found
+
+
+def run_example(code: str, url: str) -> list[str]:
+    """The lines an example prints, run against the app at `url`."""
+    assert 'Client("http://127.0.0.1:7860/")' in code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
+    return [l for l in out.getvalue().strip().splitlines() if not l.startswith("Loaded as API")]
+
+
+def test_readme_what_dino_sees_example_runs_against_the_app(app_server, monkeypatch):
+    url, _ = app_server
+    monkeypatch.chdir(ROOT)
+    lines = run_example(readme_api_examples()[1], url)
+    assert lines[0].startswith("tiny-dino-vit (DINO) 0.")
+    assert re.match(r"32 0\.0 0\.\d+", lines[-2])  # 4 s sampled at 8 frames a second
+    assert re.match(r"\[0\.\d+, 0\.\d+\]", lines[-1])
 
 
 def test_readme_client_example_runs_against_the_app(app_server, monkeypatch):
     url, _ = app_server
-    code = readme_api_example()
-    assert 'Client("http://127.0.0.1:7860/")' in code
     monkeypatch.chdir(ROOT)  # the example's paths are relative to the repository
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
-    lines = [l for l in out.getvalue().strip().splitlines() if not l.startswith("Loaded as API")]
+    lines = run_example(readme_api_examples()[0], url)
     assert len(lines) == 3
     assert "marigold flower', 1.0)" in lines[0]  # the image finds itself first
     assert "ladybird" in lines[1]
