@@ -142,3 +142,12 @@ def test_the_app_serves_all_three_endpoints_on_a_dinov3_index(tiny_dinov3, tmp_p
         assert matched["count"] == 196 and len(matched["pairs"]) == 10  # every patch matches itself
     finally:
         demo.close()
+
+
+def test_the_caption_of_attention_maps_says_whether_to_expect_artefacts():
+    from dino_demo.backbones import describe_registers
+
+    assert "without registers" in describe_registers("dinov2", 0) and "artefacts" in describe_registers("dinov2", 0)
+    assert describe_registers("dinov2_with_registers", 4).endswith("4 registers, so the attention stays on the objects")
+    assert describe_registers("dinov3_vit", 4).startswith("DINOv3: 4 registers")
+    assert describe_registers("vit", 0) == "DINO"  # DINO's small ViTs show no such artefacts

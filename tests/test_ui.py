@@ -21,7 +21,7 @@ from dino_demo.matching import MATCH_LINES, Matches
 from dino_demo.ui import EXAMPLE_PAIRS, EXAMPLE_QUERIES, EXAMPLE_REGIONS, Handlers, build_ui, uploaded_file
 
 FILE_META = {"_type": "gradio.FileData"}
-PUBLIC = {"search_image", "search_region", "match_patches"}
+PUBLIC = {"search_image", "search_region", "match_patches", "co_segment", "what_dino_sees", "what_dino_sees_video"}
 
 
 def quiet(*args, **kwargs) -> None:
@@ -51,6 +51,7 @@ class FakeEngine:
         self.fail = fail
         self.index = SimpleNamespace(count=3)
         self.embedder = SimpleNamespace(model_id="facebook/dinov2-small")
+        self.model_name = "dinov2-small (DINOv2 without registers: ...)"
 
     def _called(self, name: str, *args, progress=None):
         self.calls.append((name, *args))
@@ -74,6 +75,19 @@ class FakeEngine:
     def match(self, source_a, source_b, box=None, n=MATCH_LINES, progress=None):
         self._called("match", source_a, source_b, box, n, progress=progress)
         return match_result()
+
+    def co_segment(self, source_a, source_b, progress=None):
+        self._called("co_segment", source_a, source_b, progress=progress)
+        return SimpleNamespace(picture=tile("cyan"), to_json=lambda: {"images": []})
+
+    def what_dino_sees(self, source, share, progress=None):
+        self._called("what_dino_sees", source, share, progress=progress)
+        return SimpleNamespace(maps=tile("red"), mask=tile("green"), colours=tile("blue"),
+                               to_json=lambda: {"share": share})
+
+    def what_dino_sees_video(self, source, share, out_dir, progress=None):
+        self._called("what_dino_sees_video", source, share, out_dir, progress=progress)
+        return SimpleNamespace(video=Path(out_dir) / "result.mp4", to_json=lambda: {"frames": []})
 
     def result_image(self, image_id):
         self.calls.append(("result_image", image_id))
@@ -259,21 +273,26 @@ def demo() -> gr.Blocks:
     return build_ui(FakeEngine(), Settings(model="facebook/dinov2-small"))
 
 
-def test_the_page_exposes_exactly_the_three_named_endpoints_with_their_inputs_in_order(demo):
+def test_the_page_exposes_exactly_the_six_named_endpoints_with_their_inputs_in_order(demo):
     endpoints = demo.get_api_info()["named_endpoints"]
     assert set(endpoints) == {f"/{name}" for name in PUBLIC}
     names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
     assert names == {"/search_image": ["image", "k"],
                      "/search_region": ["image", "x0", "y0", "x1", "y1", "k", "heat"],
-                     "/match_patches": ["image_a", "image_b", "x0", "y0", "x1", "y1", "n"]}
+                     "/match_patches": ["image_a", "image_b", "x0", "y0", "x1", "y1", "n"],
+                     "/co_segment": ["image_a", "image_b"],
+                     "/what_dino_sees": ["image", "share"],
+                     "/what_dino_sees_video": ["video", "share"]}
     # The components in the inputs' order: what a positional gradio_client call fills.
-    labels = {endpoint: [p["label"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
+    labels = {endpoint: [p["label"] for p in info["parameters"]] for endpoint, info in endpoints.items()
+              if endpoint in ("/search_image", "/search_region", "/match_patches")}
     assert labels == {"/search_image": ["Query image: upload, paste or take a photo", "Number of results"],
                       "/search_region": ["image", "x0", "y0", "x1", "y1", "Number of results",
                                          "Show where each result is similar (heat map)"],
                       "/match_patches": ["image_a", "image_b", "x0", "y0", "x1", "y1",
                                          "Lines to draw (strongest first)"]}
-    outputs = {endpoint: [r["label"] for r in info["returns"]] for endpoint, info in endpoints.items()}
+    outputs = {endpoint: [r["label"] for r in info["returns"]] for endpoint, info in endpoints.items()
+               if endpoint in ("/search_image", "/search_region", "/match_patches")}
     assert outputs == {"/search_image": ["Most similar images (click one to search with it)", "Results"],
                        "/search_region": ["Images holding a similar region (boxed)", "Results with boxes"],
                        "/match_patches": ["Matching patches (red: strongest, blue: weakest)", "Summary",
@@ -283,7 +302,8 @@ def test_the_page_exposes_exactly_the_three_named_endpoints_with_their_inputs_in
 def test_every_engine_event_gets_raw_payloads_in_the_shared_concurrency_group_and_ui_events_stay_private(demo):
     events = {fn.name: fn for fn in demo.fns.values() if fn.name not in ("load_example", "intro_on_page")}
     on_page = {"search_image_on_page", "search_from_result_on_page", "search_region_drawn_on_page",
-               "match_patches_drawn_on_page"}
+               "match_patches_drawn_on_page", "co_segment_drawn_on_page", "what_dino_sees_on_page",
+               "what_dino_sees_video_on_page"}
     assert set(events) == PUBLIC | on_page
     for name, fn in events.items():
         assert fn.preprocess is False and fn.concurrency_id == "engine", name
@@ -330,3 +350,64 @@ def test_a_refusal_on_the_page_is_shown_in_the_results_area_until_the_next_searc
     with pytest.raises(gr.Error, match="person's face"):  # the API's event still raises, as clients expect
         engine.fail = UserError("This image shows a person's face (1 found).")
         handlers.search_image(uploaded, 3, progress=quiet)
+
+
+# --- what DINO sees ------------------------------------------------------------------------------
+
+def test_what_dino_sees_passes_the_upload_and_a_number_share_and_returns_three_pictures(engine, uploaded):
+    maps, mask, colours, result = Handlers(engine).what_dino_sees({"path": uploaded, "meta": FILE_META}, "75",
+                                                                  progress=quiet)
+    assert engine.calls == [("what_dino_sees", uploaded, 75.0)]
+    assert [p.getpixel((0, 0)) for p in (maps, mask, colours)] == [(255, 0, 0), (0, 128, 0), (0, 0, 255)]
+    assert result == {"share": 75.0}
+    with pytest.raises(gr.Error, match="must be a number from 1 to 100"):
+        Handlers(engine).what_dino_sees(uploaded, "most", progress=quiet)
+
+
+def test_a_clip_goes_to_the_engine_with_a_folder_for_the_video_in_gradios_upload_folder(engine, upload_dir):
+    from gradio import utils as gr_utils
+
+    clip = upload_dir / "clip.mp4"
+    clip.write_bytes(b"pretend")
+    video, result = Handlers(engine).what_dino_sees_video({"path": str(clip), "meta": FILE_META}, 60, progress=quiet)
+    (name, source, share, folder), = engine.calls
+    assert (name, source, share) == ("what_dino_sees_video", str(clip.resolve()), 60.0)
+    assert Path(folder).is_relative_to(Path(gr_utils.get_upload_folder())) and video == str(Path(folder) / "result.mp4")
+    with pytest.raises(gr.Error, match="Upload a short clip first"):
+        Handlers(engine).what_dino_sees_video(None, 60, progress=quiet)
+
+
+def test_a_clip_refused_for_a_face_is_deleted_and_one_refused_otherwise_is_kept(engine, upload_dir):
+    from dino_demo.faces import FaceCheck, FaceRefused
+
+    clip = upload_dir / "clip.mp4"
+    clip.write_bytes(b"pretend")
+    engine.fail = UserError("The clip is 12.0 s long; the limit is 10 s.")
+    with pytest.raises(gr.Error, match="limit is 10 s"):
+        Handlers(engine).what_dino_sees_video(str(clip), 60, progress=quiet)
+    assert clip.exists()
+    engine.fail = FaceRefused(FaceCheck(True, [(0, 0, 5, 5)], [0.9]), "Frame 3 of the clip (at 0.2 s)", "clip")
+    with pytest.raises(gr.Error, match="Frame 3 of the clip"):
+        Handlers(engine).what_dino_sees_video(str(clip), 60, progress=quiet)
+    assert not clip.exists()  # nothing of a clip showing a person is kept
+
+
+def test_old_result_videos_are_deleted_when_a_new_one_is_made(engine, upload_dir):
+    import os
+    import time
+
+    handlers = Handlers(engine, upload_lifetime=60)
+    folder = handlers.clip_folder()
+    folder.mkdir(parents=True, exist_ok=True)
+    old, new = folder / "what-dino-sees-old.mp4", folder / "what-dino-sees-new.mp4"
+    old.write_bytes(b"x"), new.write_bytes(b"x")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    handlers.clip_folder()
+    assert not old.exists() and new.exists()
+    new.unlink()
+
+
+def test_the_tab_names_the_model_and_its_registers(demo):
+    components = demo.get_config_file()["components"]
+    note = next(c for c in components if c["props"].get("elem_id") == "sees-model")
+    assert "dinov2-small (DINOv2 without registers" in note["props"]["value"]
