@@ -346,7 +346,7 @@ class Engine:
         return ClipResult(video, sights, clip.times, share, self.model_name, timer.done())
 
     def _attend_frames(self, frames: list[Image.Image], report: Progress) -> Attended:
-        step, parts = self.embedder.batch_size, []
+        step, parts = min(self.embedder.batch_size, 8), []  # small batches: the progress bar moves
         for start in range(0, len(frames), step):
             report(0.35 + 0.5 * start / len(frames), f"Looking at frames {start + 1}-{min(start + step, len(frames))}")
             parts.append(self.embedder.attend(frames[start:start + step]))
