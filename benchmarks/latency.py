@@ -47,8 +47,9 @@ def write_clip(path: Path) -> Path:
 
 
 
-def start_apps(model: Path, tmp: Path, device: str, baseline: str | None) -> dict[str, str]:
-    """This checkout's app and, with a baseline, the app of that commit: name -> URL."""
+def start_apps(model: Path, tmp: Path, device: str, baseline: str | None, processes: list) -> dict[str, str]:
+    """This checkout's app and, with a baseline, the app of that commit: name -> URL; each app's process is
+    added to `processes`, for the caller to stop."""
     from load import start_server
 
     roots = {"new": ROOT}
@@ -59,7 +60,8 @@ def start_apps(model: Path, tmp: Path, device: str, baseline: str | None) -> dic
     urls = {}
     for name, root in roots.items():
         started = time.perf_counter()
-        _, urls[name] = start_server(model, tmp / f"cache-{name}", device, 16, tmp / f"{name}.log", root=root)
+        process, urls[name] = start_server(model, tmp / f"cache-{name}", device, 16, tmp / f"{name}.log", root=root)
+        processes.append(process)
         print(f"{name} app ({root}) ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     return urls
 
@@ -102,6 +104,30 @@ def measure(calls_by_app: dict, runs: int) -> dict[str, dict[str, list[float]]]:
     return times
 
 
+def report(clients: dict, clip: Path, args) -> None:
+    """Measures every endpoint on each app that serves it and prints the table."""
+    import torch
+    from gradio_client import handle_file
+
+    print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
+          f"{torch.get_num_threads()} threads; ms as p50 / p95")
+    print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
+    for endpoint in ENDPOINTS:
+        apps = {name: client for name, client in clients.items() if endpoint in served(client)}
+        runs = args.clip_runs if endpoint.endswith("video") else args.runs
+        times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, runs)
+        for name, steps in times.items():
+            cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
+                     for v in (steps[s] for s in STEPS)]
+            print(f"{endpoint:<16}{name:<5}" + "".join(f"{c:>16}" for c in cells))
+            if steps["per_frame"]:
+                print(f"{endpoint:<16}{name:<5}ms per analysed frame p50 / p95: "
+                      f"{np.percentile(steps['per_frame'], 50):.1f} / {np.percentile(steps['per_frame'], 95):.1f}")
+        if "old" in times:
+            new, old = (np.percentile(times[n]["round_trip"], 50) for n in ("new", "old"))
+            print(f"{endpoint:<16}round trip p50 new / old = {new / old:.2f}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=20)
@@ -109,32 +135,21 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     args = p.parse_args()
-    import torch
-    from gradio_client import Client, handle_file
+    from gradio_client import Client
 
+    processes = []
     with tempfile.TemporaryDirectory() as tmp:
-        urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device, args.baseline)
-        clients = {name: Client(url, verbose=False, download_files=False) for name, url in urls.items()}
-        clip = write_clip(Path(tmp) / "clip.mp4")
-        print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
-              f"{torch.get_num_threads()} threads; ms as p50 / p95")
-        print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
-        for endpoint in ENDPOINTS:
-            apps = {name: client for name, client in clients.items() if endpoint in served(client)}
-            runs = args.clip_runs if endpoint.endswith("video") else args.runs
-            times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, runs)
-            for name, steps in times.items():
-                cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
-                         for v in (steps[s] for s in STEPS)]
-                print(f"{endpoint:<16}{name:<5}" + "".join(f"{c:>16}" for c in cells))
-                if steps["per_frame"]:
-                    print(f"{endpoint:<16}{name:<5}ms per analysed frame p50 / p95: "
-                          f"{np.percentile(steps['per_frame'], 50):.1f} / {np.percentile(steps['per_frame'], 95):.1f}")
-            if "old" in times:
-                new, old = (np.percentile(times[n]["round_trip"], 50) for n in ("new", "old"))
-                print(f"{endpoint:<16}round trip p50 new / old = {new / old:.2f}")
-        if args.baseline:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")])
+        try:
+            urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device,
+                              args.baseline, processes)
+            clients = {name: Client(url, verbose=False, download_files=False) for name, url in urls.items()}
+            report(clients, write_clip(Path(tmp) / "clip.mp4"), args)
+        finally:
+            for process in processes:  # the apps stop with the benchmark, even one cut short
+                process.terminate()
+                process.wait(timeout=30)
+            if args.baseline:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")])
     return 0
 
 
