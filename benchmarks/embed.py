@@ -1,10 +1,13 @@
 """Print embedder and index-build throughput for ViT-S/16 at 224 px (random weights of the real size).
 
-    python benchmarks/embed.py [--device cpu|cuda] [--images 256] [--workers N]
+    python benchmarks/embed.py [--device cpu|cuda] [--images 256] [--workers N] [--face-gate-backend auto]
 
-Figures: model-only images/s per batch size (fp32, and bf16 on GPU); JPEG decode + resize
-images/s with the builder's worker processes; and the whole builder (decode -> embed -> write)
-against the slower of those two limits.
+Figures: model-only images/s per batch size (fp32, and bf16 on GPU); JPEG decode + resize images/s
+with the builder's worker processes (and nvJPEG on a GPU, when torchvision is installed); decode + face
+gate (the builder's gate: MediaPipe, or its models batched in torch); the whole builder (decode -> embed
+-> write) with the gate off and on. Each is also given as a share of the model's limit. Last, the face
+gate's time per photo: MediaPipe against the torch detector on the CPU (and on the GPU when there is one).
+`--layers 2` times a 2-layer ViT-S/16 instead, for a quick run on a small CPU.
 """
 from __future__ import annotations
 
@@ -23,6 +26,21 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
+
+
+def save_model(folder: Path, layers: int) -> Path:
+    """ViT-S/16 (vits16.py), or the same with fewer layers: the same decode and gate work around a lighter model."""
+    if layers == 12:
+        return save_vits16(folder)
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=384, num_hidden_layers=layers, num_attention_heads=6, intermediate_size=1536,
+                       image_size=224, patch_size=16)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
 
 
 def write_jpegs(folder: Path, count: int) -> Path:
@@ -50,30 +68,77 @@ def time_model(embedder, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def time_decode(folder: Path, workers: int, skip_faces: bool = False) -> float:
-    from dino_demo.faces import FaceGate
+def time_decode(folder: Path, workers: int, gate=None, batch: int = 64) -> float:
+    """The builder's decode stage (decode, face gate when `gate` makes one, resize) in images/s."""
     from dino_demo.images import DEFAULT_MAX_PIXELS
     from index_builder.build import Decoder, _batches, _decoded
     from index_builder.source import open_source
 
     source = open_source(str(folder))
-    decoder = Decoder(224, 0, DEFAULT_MAX_PIXELS, FaceGate if skip_faces else None)
+    decoder = Decoder(224, 0, DEFAULT_MAX_PIXELS, gate)
     started = time.perf_counter()
-    count = sum(len(d.meta) for d in _decoded(_batches(source.rows(), 64), decoder, workers))
+    count = sum(len(d.meta) + d.skipped.get("face", 0) for d in _decoded(_batches(source.rows(), batch), decoder, workers))
     return count / (time.perf_counter() - started)
 
 
-def time_build(folder: Path, embedder, workers: int, batch: int) -> float:
+def time_gpu_decode(folder: Path, device: str, batch: int = 256) -> float | None:
+    """nvJPEG through dino_demo.images.load_image_tensors, images/s; None without torchvision and CUDA."""
+    from dino_demo.images import load_image_tensors, nvjpeg_decoder
+
+    decoder = nvjpeg_decoder(device)
+    if decoder is None:
+        return None
+    files = [f.read_bytes() for f in sorted(folder.glob("*.jpg"))]
+    load_image_tensors(files[:8], device, jpeg_decoder=decoder)  # warm-up: nvJPEG's handles
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for i in range(0, len(files), batch):
+        load_image_tensors(files[i:i + batch], device, jpeg_decoder=decoder)
+    torch.cuda.synchronize()
+    return len(files) / (time.perf_counter() - started)
+
+
+def time_build(folder: Path, embedder, workers: int, batch: int, skip_faces: bool = False,
+               backend: str = "auto") -> float:
     from index_builder.build import BuildOptions, build_index
     from index_builder.source import open_source
 
     with tempfile.TemporaryDirectory() as out:
-        report = build_index(open_source(str(folder)), embedder, out,
-                             BuildOptions(batch_size=batch, workers=workers, skip_faces=False, thumb_size=0))
-    return report.indexed / report.seconds
+        options = BuildOptions(batch_size=batch, workers=workers, skip_faces=skip_faces, thumb_size=0,
+                               face_gate_backend=backend)
+        report = build_index(open_source(str(folder)), embedder, out, options)
+    return (report.indexed + report.skipped.get("face", 0)) / report.seconds
+
+
+def time_gates(folder: Path, count: int, device: str) -> dict[str, float]:
+    """Face gate ms per photo (all four turns, as a build checks) in this process: MediaPipe one photo at a
+    time, the torch detector on the CPU in batches of 16, and on the GPU in one batch when there is one."""
+    from dino_demo.face_torch import TorchFaceGate
+    from dino_demo.faces import FaceGate
+
+    photos = [Image.open(f).convert("RGB") for f in sorted(folder.glob("*.jpg"))[:count]]
+    gates = {"mediapipe (cpu)": (FaceGate(), 1), "torch (cpu)": (TorchFaceGate(device="cpu"), 16)}
+    if device == "cuda":
+        gates["torch (cuda)"] = (TorchFaceGate(device="cuda"), len(photos))
+    times = {}
+    for name, (gate, batch) in gates.items():
+        gate.check_many(photos[:2])  # load the models outside the timing
+        started = time.perf_counter()
+        for i in range(0, len(photos), batch):
+            gate.check_many(photos[i:i + batch])
+        if "cuda" in name:
+            torch.cuda.synchronize()
+        times[name] = 1000 * (time.perf_counter() - started) / len(photos)
+        gate.close()
+    return times
+
+
+def share(rate: float, limit: float) -> str:
+    return f"{rate:9.1f} images/s = {100 * rate / limit:5.1f}% of the model's limit"
 
 
 def main() -> None:
+    from dino_demo.face_torch import BACKENDS, gate_factory
     from dino_demo.model import Embedder
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,30 +147,41 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--seconds", type=float, default=10.0, help="time per model measurement")
     p.add_argument("--batches", default="1,32", help="model batch sizes to time")
+    p.add_argument("--face-gate-backend", default="auto", choices=BACKENDS, help="the builder's face gate")
+    p.add_argument("--layers", type=int, default=12, help="transformer layers (12: ViT-S/16; fewer for a quick run)")
+    p.add_argument("--gate-photos", type=int, default=32, help="photos for the face gate's time per photo")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_vits16(Path(tmp) / "vits16")
+        model_dir = save_model(Path(tmp) / "vits16", args.layers)
         images = write_jpegs(Path(tmp) / "images", args.images)
         print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-        dtypes = [False, True] if Embedder(str(model_dir), device=args.device).device == "cuda" else [False]
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads, ViT-S/16 with {args.layers} layers")
+        device = Embedder(str(model_dir), device=args.device).device
         model_rates = []
-        for bf16 in dtypes:
+        for bf16 in ([False, True] if device == "cuda" else [False]):
             embedder = Embedder(str(model_dir), device=args.device, bf16=bf16)
             for batch in (int(b) for b in args.batches.split(",")):
                 rate = time_model(embedder, batch, args.seconds)
                 model_rates.append(rate)
                 print(f"model  {embedder.device:5s} {'bf16' if bf16 else 'fp32'} batch {batch:4d}: "
                       f"{rate:9.1f} images/s  ({1000 / rate:.1f} ms/image)")
-        decode = time_decode(images, args.workers)
-        print(f"decode+resize, {args.workers} workers: {decode:9.1f} images/s")
-        gated = time_decode(images, args.workers, skip_faces=True)
-        print(f"decode+resize+face gate, {args.workers} workers: {gated:9.1f} images/s")
+        limit = max(model_rates)
         batch = max(int(b) for b in args.batches.split(","))
+        print(f"model limit (best above): {limit:9.1f} images/s")
+        print(f"decode+resize, {args.workers} CPU workers:        {share(time_decode(images, args.workers), limit)}")
+        gpu_decode = time_gpu_decode(images, device)
+        print(f"decode, nvJPEG on {device}:                    " +
+              (share(gpu_decode, limit) if gpu_decode else "  not run (needs torchvision and CUDA)"))
+        gate = gate_factory(args.face_gate_backend, device)
+        name = getattr(gate, "func", gate).__name__
+        gated = time_decode(images, args.workers, gate, batch)
+        print(f"decode+resize+face gate ({name}), {args.workers} workers: {share(gated, limit)}")
         build = time_build(images, embedder, args.workers, batch)
-        limit = min(max(model_rates), decode)
-        print(f"build (decode -> embed -> write), batch {batch}: {build:9.1f} images/s = "
-              f"{100 * build / limit:.0f}% of the slower limit ({limit:.1f})")
+        print(f"build, face gate off, batch {batch}:            {share(build, limit)}")
+        build = time_build(images, embedder, args.workers, batch, True, args.face_gate_backend)
+        print(f"build, face gate on ({name}), batch {batch}: {share(build, limit)}")
+        for gate_name, ms in time_gates(images, args.gate_photos, device).items():
+            print(f"face gate {gate_name:16s}: {ms:7.1f} ms per photo (all four turns)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Legacy MediaPipe Face Detection: mediapipe 0.10.21's wheel bundles its graphs and both models, so it runs
 offline; the Tasks API FaceDetector fails on the bundled full-range model, the one that finds small faces.
+`find_faces` and `face_check` are the gate's decision, shared with the batched torch detector (face_torch.py).
 """
 import math
 import threading
@@ -40,6 +41,64 @@ class FaceRefused(UserError):
         self.check = check
 
 
+@dataclass(frozen=True)
+class ViewRequest:
+    """One detector run: `model` ("short" or "full" range) on the pixels of `rect` (x0, y0, x1, y1) of an
+    image, letterboxed as MediaPipe does; what lies outside the image is black."""
+    model: str
+    rect: tuple[int, int, int, int]
+
+
+RunViews = Callable[[list[tuple[int, ViewRequest]]], list[Found]]  # (image number, view) -> faces in image pixels
+
+
+def find_faces(run: RunViews, sizes: list[tuple[int, int]]) -> list[Found]:
+    """The gate's detection for images of `sizes`: candidates from the whole image (both models) and
+    tiles (full-range), merged, each confirmed up close. `run` detects on many views at once."""
+    views = [(i, v) for i, (w, h) in enumerate(sizes) for v in candidate_views(w, h)]
+    found: list[Found] = [[] for _ in sizes]
+    for (i, _), faces in zip(views, run(views)):
+        found[i] += faces
+    candidates = [[box for box, _ in _merge(f)] for f in found]
+    crops = [(i, v) for i, boxes in enumerate(candidates) for box in boxes for v in confirm_views(box)]
+    seen = iter(run(crops))
+    confirmed: list[Found] = []
+    for boxes in candidates:
+        scores = [confirmed_score(box, [next(seen) for _ in confirm_views(box)]) for box in boxes]
+        confirmed.append([(box, score) for box, score in zip(boxes, scores) if score > 0])
+    return confirmed
+
+
+def candidate_views(w: int, h: int) -> list[ViewRequest]:
+    whole = (0, 0, w, h)
+    return [ViewRequest("short", whole), ViewRequest("full", whole)] + [ViewRequest("full", t) for t in _tiles(w, h)]
+
+
+def confirm_views(box: Box) -> list[ViewRequest]:
+    """Crops 3 and 4 times the box's size around it, each seen by both models: the views alone refused
+    some landscapes (petals, bokeh); real faces keep high scores up close, look-alikes don't."""
+    (cx, cy), halves = box.centre, _halves(box)
+    rects = [tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half)) for half in halves]
+    return [ViewRequest(model, rect) for rect in rects for model in ("short", "full")]
+
+
+def confirmed_score(box: Box, found: list[Found]) -> float:
+    """Lowest, over the confirming views (in `confirm_views` order), of the best score of a face centred
+    near the box; 0 if one view sees none."""
+    side, scores = max(4.0, box.width, box.height), []
+    views = confirm_views(box)
+    for view, half, faces in zip(views, [h for h in _halves(box) for _ in range(2)], found):
+        ox, oy = view.rect[0] + half, view.rect[1] + half  # the crop's centre, as its rounded corner puts it
+        near = [s for b, s in faces if abs(b[0] + b[2] - 2 * ox) < side and abs(b[1] + b[3] - 2 * oy) < side]
+        scores.append(max(near, default=0.0))
+    return min(scores)
+
+
+def _halves(box: Box) -> tuple[float, float]:
+    side = max(4.0, box.width, box.height)
+    return 1.5 * side, 2.0 * side  # PIL fills what lies outside the image with black
+
+
 class MediaPipeDetector:
     """Candidates from the whole image (both models) and tiles (full-range), each confirmed up close."""
     def __init__(self, min_confidence: float = 0.5):
@@ -48,36 +107,35 @@ class MediaPipeDetector:
         except ImportError as e:
             raise ImportError("The face gate needs MediaPipe: pip install mediapipe==0.10.21") from e
         with silenced_output():  # TFLite logs lines as each model loads and first runs; no setting turns them off
-            self._short = face_detection.FaceDetection(min_confidence, model_selection=0)  # close-ups
-            self._full = face_detection.FaceDetection(min_confidence, model_selection=1)  # up to 5 m
+            self._models = {"short": face_detection.FaceDetection(min_confidence, model_selection=0),  # close-ups
+                            "full": face_detection.FaceDetection(min_confidence, model_selection=1)}  # up to 5 m
             blank = np.zeros((64, 64, 3), np.uint8)
-            self._short.process(blank), self._full.process(blank)
+            for model in self._models.values():
+                model.process(blank)
 
     def __call__(self, rgb: np.ndarray) -> Found:
-        found = _detect(self._short, rgb) + _detect(self._full, rgb)
-        for x0, y0, x1, y1 in _tiles(rgb.shape[1], rgb.shape[0]):
-            found += _detect(self._full, rgb[y0:y1, x0:x1], x0, y0)
-        image = Image.fromarray(rgb)
-        confirmed = [(box, self._confirm(image, box)) for box, _ in _merge(found)]
-        return [(box, score) for box, score in confirmed if score > 0]
+        return find_faces(lambda views: [self._run(rgb, view) for _, view in views], [(rgb.shape[1], rgb.shape[0])])[0]
 
-    def _confirm(self, image: Image.Image, box) -> float:
-        """Lowest score of both models for a face at the box, on crops 3 and 4 times its size: the views
-        alone refused some landscapes (petals, bokeh); real faces keep high scores up close, look-alikes don't."""
-        side = max(4.0, box.width, box.height)
-        cx, cy = box.centre
-        scores = []
-        for half in (1.5 * side, 2.0 * side):  # PIL fills what lies outside the image with black
-            crop = image.crop(tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half)))
-            for model in (self._short, self._full):
-                near = [s for b, s in _detect(model, np.asarray(crop), -half, -half)  # box centre is (0, 0)
-                        if abs(b[0] + b[2]) < side and abs(b[1] + b[3]) < side]
-                scores.append(max(near, default=0.0))
-        return min(scores)
+    def _run(self, rgb: np.ndarray, view: ViewRequest) -> Found:
+        x0, y0 = view.rect[:2]
+        return _detect(self._models[view.model], crop_black(rgb, view.rect), x0, y0)
 
     def close(self) -> None:
-        self._short.close()
-        self._full.close()
+        for model in self._models.values():
+            model.close()
+
+
+def crop_black(rgb: np.ndarray, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The pixels of `rect`, black where it lies outside the image (as PIL's crop fills them)."""
+    h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = rect
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return rgb[y0:y1, x0:x1]
+    out = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    return out
 
 
 def _detect(model, rgb: np.ndarray, x0: int = 0, y0: int = 0) -> Found:
@@ -111,6 +169,23 @@ def _merge(found: Found) -> Found:
     return kept
 
 
+def gate_view(image: Image.Image) -> Image.Image:
+    """The RGB picture the detectors see: larger images are shrunk to MAX_SIDE first, for speed."""
+    work = image.convert("RGB")
+    work.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
+    return work
+
+
+def face_check(found: Found, turn: int, work_size: tuple[int, int], image_size: tuple[int, int],
+               min_confidence: float) -> FaceCheck:
+    """The faces of at least `min_confidence` found in the gate's view turned by `turn`, best first, with
+    boxes back in the original image's pixels."""
+    found = sorted((f for f in found if f[1] >= min_confidence), key=lambda f: -f[1])
+    boxes = [Box(*b).turned_back(turn, work_size).scaled(work_size, image_size).rounded_out(image_size)
+             for b, _ in found]
+    return FaceCheck(bool(found), boxes, [float(score) for _, score in found])
+
+
 class FaceGate:
     """Refuses images that show a face. The detector is made on first use and shared by all threads.
 
@@ -126,20 +201,21 @@ class FaceGate:
 
     def check(self, image: Image.Image) -> FaceCheck:
         """Finds faces; boxes are in `image`'s pixels."""
-        work = image.convert("RGB")
-        work.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
+        work, check = gate_view(image), FaceCheck(False, [], [])
         for turn in self.turns:
             view = work.transpose(_TRANSPOSE[turn]) if turn else work
             with self._lock:
                 if self._detector is None:
                     self._detector = MediaPipeDetector(self.min_confidence)
                 found = self._detector(np.asarray(view))  # (h, w, 3) uint8
-            found = sorted((f for f in found if f[1] >= self.min_confidence), key=lambda f: -f[1])
-            if found:
-                boxes = [Box(*b).turned_back(turn, work.size).scaled(work.size, image.size).rounded_out(image.size)
-                         for b, _ in found]
-                return FaceCheck(True, boxes, [float(score) for _, score in found])
-        return FaceCheck(False, [], [])
+            check = face_check(found, turn, work.size, image.size, self.min_confidence)
+            if check.has_face:
+                return check
+        return check
+
+    def check_many(self, images: list[Image.Image]) -> list[FaceCheck]:
+        """`check` of each image; a batched detector (dino_demo.face_torch) overrides it."""
+        return [self.check(image) for image in images]
 
     def require_no_face(self, image: Image.Image) -> None:
         """Raises FaceRefused, with a message for the user, if the image shows a face."""

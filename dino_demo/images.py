@@ -9,12 +9,15 @@ import hashlib
 import io
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch only where tensors are asked for: the app's upload path never needs it here
+    import torch
 
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 5,700 photo; larger is refused before decoding
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
@@ -152,3 +155,73 @@ def make_thumbnail(image: Image.Image, max_side: int, quality: int = 80) -> byte
     out = io.BytesIO()
     thumb.save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+JpegDecoder = Callable[[list[bytes]], list["torch.Tensor"]]  # JPEG files -> (3, H, W) uint8 RGB each
+
+
+def nvjpeg_decoder(device: str) -> JpegDecoder | None:
+    """torchvision's nvJPEG batch decode on a CUDA `device`; None without torchvision or CUDA (then every
+    image takes the CPU path)."""
+    if not device.startswith("cuda"):
+        return None
+    try:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+
+    def decode(files: list[bytes]) -> list[torch.Tensor]:
+        data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    return decode
+
+
+def load_image_tensors(sources: list[ImageSource], device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
+                       max_bytes: int = DEFAULT_MAX_BYTES, jpeg_decoder: JpegDecoder | None = None
+                       ) -> list[torch.Tensor | ImageError]:
+    """Each source as a (3, H, W) uint8 RGB tensor on `device`, or the ImageError saying why not.
+
+    Plain upright RGB or grey JPEGs go to `jpeg_decoder` together (nvJPEG on a GPU: the CPU never decodes
+    them); every other file, and any the decoder fails on, takes `load_image`'s path (EXIF turns, modes,
+    limits, clear errors) and is then copied to the device."""
+    import torch
+
+    files = [_gpu_jpeg(source, max_pixels, max_bytes) if jpeg_decoder else None for source in sources]
+    out: list = [None] * len(sources)
+    batch = [i for i, f in enumerate(files) if f is not None]
+    try:
+        for i, tensor in zip(batch, jpeg_decoder([files[i] for i in batch]) if batch else []):
+            out[i] = tensor
+    except RuntimeError:  # one file nvJPEG cannot read fails the batch: all of it goes the CPU way
+        out = [None] * len(sources)
+    for i, source in enumerate(sources):
+        if out[i] is None:
+            try:
+                rgb = np.asarray(load_image(source, max_pixels, max_bytes))
+                out[i] = torch.from_numpy(rgb.copy()).permute(2, 0, 1).to(device)
+            except ImageError as e:
+                out[i] = e
+    return out
+
+
+def _gpu_jpeg(source: ImageSource, max_pixels: int, max_bytes: int) -> bytes | None:
+    """The file's bytes if nvJPEG gives what load_image would: a JPEG within the limits, RGB or grey, with
+    no EXIF turn to apply. None sends it the CPU way (which also words any error)."""
+    if isinstance(source, dict):
+        source = source.get("bytes") or source.get("path")
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        source = path.read_bytes() if path.is_file() and 0 < path.stat().st_size <= max_bytes else None
+    if not isinstance(source, (bytes, bytearray)) or not 0 < len(source) <= max_bytes or source[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        with Image.open(io.BytesIO(source)) as image:  # reads the header only
+            upright = image.getexif().get(0x0112, 1) == 1  # Orientation
+            plain = image.mode in ("RGB", "L") and image.width * image.height <= max_pixels
+            return bytes(source) if upright and plain else None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None

@@ -120,10 +120,27 @@ class Writer:
                 start = chunk.row_end
         return start
 
-    def hashes(self) -> set[str]:
-        """Content hashes of the images already in finished chunks (a resumed run must not add them again)."""
-        return {h for c in self.chunks() if c.count for h in pq.read_table(c.path / META, columns=["hash"])
-                .column("hash").to_pylist() if h}
+    def hashes(self, before: int | None = None) -> set[str]:
+        """Content hashes of the images in finished chunks (ending at or before row `before`, if given):
+        a resumed run must not add them again."""
+        return {h for c in self.chunks() if c.count and (before is None or c.row_end <= before)
+                for h in chunk_hashes(c) if h}
+
+    def chunk_dir(self, row_start: int, row_end: int) -> Path:
+        """Where the chunk of source rows [row_start, row_end) lies once finished."""
+        return self.work / f"rows-{row_start:012d}-{row_end:012d}"
+
+    def filter_chunk(self, chunk: Chunk, keep: np.ndarray, dropped: Counter) -> None:
+        """Rewrite `chunk` with only its images at positions `keep`, the others counted as `dropped`. The old
+        one is set aside first: a kill in between leaves its rows to be done again, never done twice."""
+        arrays = {name: np.load(chunk.path / f"{name}.npy")[keep] for name in ("cls", "patches", "cells")
+                  if (chunk.path / f"{name}.npy").exists()}
+        meta = pq.read_table(chunk.path / META).take(pa.array(keep, pa.int64()))
+        aside = chunk.path.with_name(f"{chunk.path.name}.old.tmp")
+        os.replace(chunk.path, aside)
+        self.save_chunk(chunk.row_start, chunk.row_end, arrays["cls"], arrays["patches"], arrays.get("cells"), meta,
+                        chunk.skipped + dropped)
+        shutil.rmtree(aside)
 
     def add_chunk(
         self,
@@ -142,8 +159,9 @@ class Writer:
     def save_chunk(self, row_start: int, row_end: int, cls: np.ndarray, patches: np.ndarray,
                    cells: np.ndarray | None, meta: pa.Table, skipped: Counter) -> None:
         """Write a chunk of vectors already in the folder's patch layout: (n, d) and (n, slots, d)."""
-        name = f"rows-{row_start:012d}-{row_end:012d}"
-        final, tmp = self.work / name, self.work / f"{name}.tmp"
+        final = self.chunk_dir(row_start, row_end)
+        tmp = final.with_name(f"{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed attempt at these rows (a retried worker's)
         tmp.mkdir()
         np.save(tmp / "cls.npy", cls.astype(np.float32))
         np.save(tmp / "patches.npy", patches.astype(np.float16))  # halves the scratch space
@@ -328,15 +346,22 @@ def _next_generation(folder: Path) -> int:
 
 
 def _sample(arrays: list[np.ndarray], total: int, size: int) -> np.ndarray:
-    """About `size` rows drawn evenly at random from `arrays`, read one array at a time."""
+    """`size` rows drawn at random from `arrays` taken as one, read one array at a time. Which rows depends
+    only on the whole, not on how it is cut into chunks: runs cut differently train the same quantisers."""
     if size <= 0:
         return np.zeros((0, arrays[0].shape[1]), np.float32)
-    rng, picked = np.random.default_rng(0), []
+    rows = np.sort(np.random.default_rng(0).choice(total, min(size, total), replace=False))
+    picked, first = [], 0
     for array in arrays:
-        take = min(len(array), int(round(size * len(array) / total)))
-        rows = np.sort(rng.choice(len(array), take, replace=False))
-        picked.append(np.asarray(array[rows], dtype=np.float32))
+        mine = rows[(rows >= first) & (rows < first + len(array))] - first
+        picked.append(np.asarray(array[mine], dtype=np.float32))
+        first += len(array)
     return np.concatenate(picked)
+
+
+def chunk_hashes(chunk: Chunk) -> list[str | None]:
+    """The content hash of each image of a finished chunk, in order."""
+    return pq.read_table(chunk.path / META, columns=["hash"]).column("hash").to_pylist()
 
 
 def _chunk_meta(chunks: list[Chunk], first_id: int | None) -> pa.Table:

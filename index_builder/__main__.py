@@ -6,13 +6,14 @@ import argparse
 import errno
 import importlib
 import sys
+from pathlib import Path
 
 from dino_demo.backbones import DEFAULT_MODEL, KNOWN_MODELS
 from dino_demo.config import add_arguments
 from dino_demo.errors import UserError
 
 from .build import BuildOptions
-from .cli import add_source_arguments, print_skipped, progress_bar, run_options
+from .cli import add_ray_argument, add_source_arguments, connect_ray, print_skipped, progress_bar, run_options
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
 # Commands besides a build (the default): each is a module of this package with build_parser() and run(args).
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best there is)")
     p.add_argument("--input-size", type=int, help="model input side in pixels (default: the model's)")
     p.add_argument("--push-to-hub", metavar="USER/REPO", help="then upload the index as a dataset repo (serve it with --index hf://USER/REPO)")
+    add_ray_argument(p)
     add_arguments(p, BuildOptions)
     return p
 
@@ -67,17 +69,25 @@ def run(args: argparse.Namespace) -> int:
     from .build import build_index
     from .source import open_source
 
-    device = pick_device(args.device)
+    distributor = None
+    if args.ray:  # the cluster's actors embed; the model here only describes the index
+        distributor, where, device = connect_ray(args.ray)
+        args.out = str(Path(args.out).absolute())  # the same folder from every worker (a shared file system)
+    else:
+        device = pick_device(args.device)
     options = run_options(args, device)
     source = open_source(args.dataset, args.split, args.image_column, args.label_column, args.streaming, args.revision)
-    embedder = Embedder(args.model, device=device, input_size=args.input_size, batch_size=options.batch_size)
+    embedder = Embedder(args.model, device="cpu" if args.ray else device, input_size=args.input_size,
+                        batch_size=options.batch_size)
     total = source.num_rows if options.limit is None else min(options.limit, source.num_rows or options.limit)
     workers = f"{options.workers} decoding process{'' if options.workers == 1 else 'es'}"
-    print(f"indexing {args.dataset} [{args.split}] with {args.model} on {embedder.device} (batch {options.batch_size}, "
-          f"{workers}) into {args.out}", file=sys.stderr)
+    batch = f"batch {options.batch_size}"
+    where = f"{where} ({batch})" if args.ray else f"{embedder.device} ({batch}, {workers})"
+    print(f"indexing {args.dataset} [{args.split}] with {args.model} on {where} into {args.out}", file=sys.stderr)
     bar, progress = progress_bar(total, "indexing")
     with bar:
-        report = build_index(source, embedder, args.out, options, progress, rebuild=args.rebuild)
+        report = build_index(source, embedder, args.out, options, progress, rebuild=args.rebuild,
+                             distributor=distributor)
     if report.complete_before:
         print(f"{args.out} is already a complete index of {args.dataset} ({report.indexed} images): nothing to do. "
               f"New images? `python -m index_builder add --index {args.out} --dataset ...`; start over: --rebuild.",

@@ -15,7 +15,8 @@ from dino_demo.config import add_arguments
 from dino_demo.index_types import choose_spec
 
 from .build import BuildOptions
-from .cli import RUN_OPTIONS, add_source_arguments, index_embedder, print_skipped, progress_bar, run_options
+from .cli import (RUN_OPTIONS, add_ray_argument, add_source_arguments, connect_ray, index_embedder, print_skipped,
+                  progress_bar, run_options)
 
 SEGMENTS_BEFORE_COMPACT = 8  # each segment is searched on its own: beyond this many, suggest merging them
 RETRAIN_GROWTH = 2.0  # a quantiser trained on n images serves up to about this many times n
@@ -30,6 +31,7 @@ def build_parser(command: str = "add") -> argparse.ArgumentParser:
     add_source_arguments(p)
     p.add_argument("--model", help="refused unless it is the index's own model (default: the index's)")
     p.add_argument("--device", default="auto", help="cuda, mps or cpu (default: the best there is)")
+    add_ray_argument(p)
     add_arguments(p, BuildOptions, only=RUN_OPTIONS)
     return p
 
@@ -42,16 +44,22 @@ def run(args: argparse.Namespace) -> int:
     from .source import open_source
 
     built = read_manifest(Path(args.index))["model"]
-    device = pick_device(args.device)
+    distributor = None
+    if args.ray:  # the cluster's actors embed; the model here only describes the images' vectors
+        distributor, where, device = connect_ray(args.ray)
+        args.index = str(Path(args.index).absolute())
+    else:
+        device = pick_device(args.device)
     options = run_options(args, device)
-    embedder = index_embedder(args.index, built, args.model, device, batch_size=options.batch_size)
+    embedder = index_embedder(args.index, built, args.model, "cpu" if args.ray else device,
+                              batch_size=options.batch_size)
     source = open_source(args.dataset, args.split, args.image_column, args.label_column, args.streaming, args.revision)
     total = source.num_rows if options.limit is None else min(options.limit, source.num_rows or options.limit)
-    print(f"adding {args.dataset} [{args.split}] to {args.index} with {embedder.model_id} on {embedder.device}",
-          file=sys.stderr)
+    print(f"adding {args.dataset} [{args.split}] to {args.index} with {embedder.model_id} on "
+          f"{where if args.ray else embedder.device}", file=sys.stderr)
     bar, progress = progress_bar(total, "adding")
     with bar:
-        report = add_to_index(source, embedder, args.index, options, progress)
+        report = add_to_index(source, embedder, args.index, options, progress, distributor=distributor)
     m = report.manifest
     resumed = f", resumed at row {report.resumed_from}" if report.resumed_from else ""
     print(f"added {report.indexed} images to {args.index} in {report.seconds:.1f}s{resumed}; it now holds "

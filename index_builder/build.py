@@ -14,16 +14,17 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 
 from dino_demo.config import setting
+from dino_demo.face_torch import BACKENDS as FACE_GATE_BACKENDS, gate_factory, gate_needs_spawn
 from dino_demo.faces import UPRIGHT, FaceGate
 from dino_demo.images import DEFAULT_MAX_PIXELS, THUMB_SIDE, ImageError, content_hash, load_image, make_thumbnail
 from dino_demo.index import MANIFEST, IndexFolderError, load_index, read_manifest
 from dino_demo.index_types import INDEX_TYPES, choose_layout
-from dino_demo.index_writer import Writer, hold_lock, now, write_tombstones
+from dino_demo.index_writer import Chunk, Writer, chunk_hashes, hold_lock, now, write_tombstones
 from dino_demo.model import Embedder, prepare_image
 
 from .source import Row, Source
@@ -49,6 +50,9 @@ class BuildOptions:
     skip_faces: bool = setting(True, "leave out photos of people, and count them")
     turned_faces: bool = setting(True, "also look for faces in photos turned on their side or upside down "
                                  "(about 4x the face gate's time on a photo without a face; README, Speed)")
+    face_gate_backend: str = setting("auto", "what runs the face gate: mediapipe, or torch (MediaPipe's models, "
+                                     "batched; the same decision); auto: torch on a GPU, else mediapipe",
+                                     choices=FACE_GATE_BACKENDS)
     limit: int | None = setting(None, "index at most the first N rows", shown="every row")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "skip images larger than this many pixels", shown="40 million")
     patches: str = setting("auto", "patch vectors kept per image for region search: all, pooled (2x2), salient[:N] "
@@ -76,17 +80,26 @@ class Decoded:
     def drop_known(self, seen: set[str], blocked: set[str]) -> None:
         """Leave out images whose pixels are already indexed (or repeated in this batch) and those
         removed from the index before, counting each; remember the rest."""
-        keep = []
-        for i, meta in enumerate(self.meta):
-            if meta["hash"] in blocked:
-                self.skipped["removed earlier"] += 1
-            elif meta["hash"] in seen:
-                self.skipped["duplicate"] += 1
-            else:
-                seen.add(meta["hash"])
-                keep.append(i)
+        keep = _keep_new([meta["hash"] for meta in self.meta], seen, blocked, self.skipped)
         self.pixels = [self.pixels[i] for i in keep]
         self.meta = [self.meta[i] for i in keep]
+
+
+def _keep_new(hashes: list[str | None], seen: set[str], blocked: set[str], skipped: Counter) -> list[int]:
+    """Positions of the images to keep, in order: not removed earlier and not seen before (then seen);
+    the others are counted in `skipped` by reason."""
+    keep = []
+    for i, digest in enumerate(hashes):
+        if digest is None:  # written before hashes were kept: nothing to compare
+            keep.append(i)
+        elif digest in blocked:
+            skipped["removed earlier"] += 1
+        elif digest in seen:
+            skipped["duplicate"] += 1
+        else:
+            seen.add(digest)
+            keep.append(i)
+    return keep
 
 
 @dataclass
@@ -116,20 +129,14 @@ class Decoder:
 
     def __call__(self, rows: list[Row]) -> Decoded:
         out = Decoded(first_row=rows[0].index, last_row=rows[-1].index)
-        for row in rows:
-            if row.image is None:
-                out.skipped["missing image"] += 1
-                continue
-            try:
-                image = load_image(row.image, max_pixels=self.max_pixels)
-            except ImageError as e:
-                out.skipped[e.reason] += 1
-                continue
-            if self.gate_factory is not None:
-                self._gate = self._gate or self.gate_factory()
-                if self._gate.check(image).has_face:
-                    out.skipped["face"] += 1
-                    continue
+        loaded = [(row, image) for row in rows if (image := self._load(row, out.skipped)) is not None]
+        if self.gate_factory is not None and loaded:
+            self._gate = self._gate or self.gate_factory()
+            checks = self._gate.check_many([image for _, image in loaded])  # a batched gate checks them together
+            if faces := sum(check.has_face for check in checks):
+                out.skipped["face"] += faces
+            loaded = [pair for pair, check in zip(loaded, checks) if not check.has_face]
+        for row, image in loaded:
             out.pixels.append(prepare_image(image, self.input_size))
             out.meta.append({
                 "source_row": row.index, "width": image.width, "height": image.height, "label": row.label,
@@ -137,6 +144,17 @@ class Decoder:
                 "hash": content_hash(image),
             })
         return out
+
+    def _load(self, row: Row, skipped: Counter):
+        """The row's image, or None with the reason counted."""
+        if row.image is None:
+            skipped["missing image"] += 1
+            return None
+        try:
+            return load_image(row.image, max_pixels=self.max_pixels)
+        except ImageError as e:
+            skipped[e.reason] += 1
+            return None
 
 
 def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -168,8 +186,9 @@ def _decoded(batches: Iterator[list[Row]], decoder: Decoder, workers: int) -> It
         for batch in batches:
             yield decoder(batch)
         return
-    # fork is cheap and the workers never touch torch; spawn where fork is unsafe (macOS).
-    method = "fork" if sys.platform.startswith("linux") else "spawn"
+    # fork is cheap and the workers never touch torch; spawn where fork is unsafe (macOS) and for the torch
+    # face gate (after the model ran, torch hangs in a forked process, and CUDA cannot start there).
+    method = "fork" if sys.platform.startswith("linux") and not gate_needs_spawn(decoder.gate_factory) else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _start_worker, (decoder,)) as pool:
         pending: deque = deque()
         for batch in batches:
@@ -180,13 +199,84 @@ def _decoded(batches: Iterator[list[Row]], decoder: Decoder, workers: int) -> It
             yield pending.popleft().get()
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load the build's model again in another process or on another machine: plain values."""
+
+    model_id: str
+    revision: str | None
+    input_size: int
+    batch_size: int
+
+    @classmethod
+    def of(cls, embedder: Embedder) -> "ModelSpec":
+        return cls(embedder.model_id, embedder.revision, embedder.input_size, embedder.batch_size)
+
+    def load(self, device: str) -> Embedder:
+        return Embedder(self.model_id, device=device, input_size=self.input_size, batch_size=self.batch_size,
+                        revision=self.revision)
+
+
+@dataclass
+class Work:
+    """What is left of a run and the parts that do it: a distributor turns `ranges` into chunks."""
+
+    source: Source
+    embedder: Embedder
+    decoder: Decoder
+    writer: Writer
+    ranges: list[tuple[int, int | None]]  # source rows no finished chunk covers, in order (None: to the end)
+    options: BuildOptions
+    seen: set[str]  # hashes indexed before ranges[0]: dropped before embedding (settle_chunks has the last word)
+    blocked: set[str]  # hashes of images removed from the index, kept out
+
+
+class Distributor(Protocol):
+    """Runs a `Work` on one machine or many; each finished chunk is reported to `progress` as a Decoded
+    (rows first_row..last_row, what was skipped), in any order."""
+
+    def run(self, work: Work, progress: Callable[[Decoded], None] | None) -> None: ...
+
+
+class LocalDistributor:
+    """This machine: `options.workers` decoding processes, the model in this process, chunks in order."""
+
+    def run(self, work: Work, progress: Callable[[Decoded], None] | None) -> None:
+        options, writer = work.options, work.writer
+        batches = (batch for start, stop in work.ranges
+                   for batch in _batches(work.source.rows(start, stop), options.batch_size))
+        buffer = ChunkBuffer(work.ranges[0][0])
+        for decoded in _decoded(batches, work.decoder, options.workers):
+            if decoded.first_row != buffer.row_end:  # a finished chunk lies between: never write across it
+                buffer.flush(writer)
+                buffer.row_start = buffer.row_end = decoded.first_row
+            decoded.drop_known(work.seen, work.blocked)
+            buffer.add(decoded, *embed_decoded(work.embedder, decoded, options.batch_size))
+            if progress is not None:
+                progress(decoded)
+            if buffer.count >= options.chunk_size:
+                buffer.flush(writer)
+        buffer.flush(writer)
+
+
+def embed_decoded(embedder: Embedder, decoded: Decoded, batch_size: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """CLS (n, d) and patch (n, p, d) vectors of decoded images, `batch_size` at a time (None, None: none)."""
+    if not decoded.pixels:
+        return None, None
+    parts = [embedder.embed_prepared(np.stack(decoded.pixels[i:i + batch_size]),
+                                     [(m["width"], m["height"]) for m in decoded.meta[i:i + batch_size]])
+             for i in range(0, len(decoded.pixels), batch_size)]
+    return np.concatenate([f.cls for f in parts]), np.concatenate([f.patches for f in parts])
+
+
 def build_index(source: Source, embedder: Embedder, out_dir: str, options: BuildOptions, progress=None,
-                gate: GateFactory = FaceGate, rebuild: bool = False) -> BuildReport:
+                gate: GateFactory = FaceGate, rebuild: bool = False,
+                distributor: Distributor | None = None) -> BuildReport:
     """Build (or resume building) the index folder `out_dir` from `source` and return a report.
 
     A finished index of the same source is left as it is (the report says so) unless `rebuild`; a
     rebuild replaces it in one step and keeps its removed images out. `gate` makes the face gate of
-    each decoding process (used when `options.skip_faces`)."""
+    each decoding process (used when `options.skip_faces`); `distributor` runs the work (default: here)."""
     out = Path(out_dir)
     with hold_lock(out):
         previous = read_manifest(out) if (out / MANIFEST).is_file() else None
@@ -210,7 +300,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
             name = write_tombstones(out, old.generation + 1, np.full(len(blocked), -1), sorted(blocked))
             keep = {"removed": name, "removed_count": 0}
         writer = Writer(out, build_info)
-        run = _embed_rows(source, embedder, writer, options, progress, gate, writer.hashes(), blocked)
+        run = _embed_rows(source, embedder, writer, options, progress, gate, set(), blocked, distributor)
         entry = {"action": "build", "time": now(), "source": 0, "images": writer.stored(),
                  "skipped": dict(writer.skipped())}
         manifest = writer.finalize({"history": [entry]}, options.index_type, keep)
@@ -218,7 +308,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
 
 
 def add_to_index(source: Source, embedder: Embedder, folder: str, options: BuildOptions, progress=None,
-                 gate: GateFactory = FaceGate) -> BuildReport:
+                 gate: GateFactory = FaceGate, distributor: Distributor | None = None) -> BuildReport:
     """Add the rows of `source` to a finished index with its own model, patch layout, face policy and
     trained quantisers; images already in it (same pixels) or removed from it are skipped and counted."""
     folder = Path(folder)
@@ -236,8 +326,8 @@ def add_to_index(source: Source, embedder: Embedder, folder: str, options: Build
         options = replace(options, skip_faces=m.get("skip_faces", True), thumb_size=m.get("thumb_size", THUMB_SIDE),
                           turned_faces=m.get("turned_faces", False))
         writer = Writer(folder, info, number)
-        run = _embed_rows(source, embedder, writer, options, progress, gate,
-                          index.hashes() | writer.hashes(), set(index.removed_hashes))
+        run = _embed_rows(source, embedder, writer, options, progress, gate, index.hashes(),
+                          set(index.removed_hashes), distributor)
         entry = {"action": "add", "time": now(), "source": number, "rows": run.end_row,
                  "images": writer.stored(), "skipped": dict(writer.skipped())}
         added = entry["images"]
@@ -271,34 +361,62 @@ class _Run:
 
 
 def _embed_rows(source: Source, embedder: Embedder, writer: Writer, options: BuildOptions, progress,
-                gate: GateFactory, seen: set[str], blocked: set[str]) -> _Run:
-    """Decode, check, embed and write the rows of `source` that no finished chunk covers."""
-    start = writer.resume_row()
+                gate: GateFactory, known: set[str], blocked: set[str], distributor: Distributor | None) -> _Run:
+    """Decode, check, embed and write the rows of `source` that no finished chunk covers, then settle the
+    chunks; `known`: hashes already in the index (an add)."""
     started = time.perf_counter()
+    if gate is FaceGate:  # the standard gate: MediaPipe, or its models batched in torch on a GPU
+        gate = gate_factory(options.face_gate_backend, embedder.device)
     if options.skip_faces and not options.turned_faces:
         gate = partial(gate, turns=UPRIGHT)
     decoder = Decoder(embedder.input_size, options.thumb_size, options.max_pixels,
                       gate if options.skip_faces else None)
-    batches = _batches(source.rows(start, options.limit), options.batch_size)
-    buffer = _ChunkBuffer(start)
-    for decoded in _decoded(batches, decoder, options.workers):
-        decoded.drop_known(seen, blocked)
-        if decoded.pixels:
-            sizes = [(m["width"], m["height"]) for m in decoded.meta]
-            features = embedder.embed_prepared(np.stack(decoded.pixels), sizes)
-            buffer.add(decoded, features.cls, features.patches)
-        else:
-            buffer.add(decoded, None, None)
-        if progress is not None:
-            progress(decoded)
-        if buffer.count >= options.chunk_size:
-            buffer.flush(writer)
-    buffer.flush(writer)
-    return _Run(start, buffer.row_end - start, time.perf_counter() - started, buffer.row_end)
+    stop = source.num_rows if options.limit is None else min(options.limit, source.num_rows or options.limit)
+    ranges = missing_ranges(writer.chunks(), stop)
+    done_before = _rows_done(writer)
+    if progress is not None and done_before:  # rows finished by earlier runs count as done
+        progress(Decoded(skipped=writer.skipped(), first_row=0, last_row=done_before - 1))
+    if ranges:
+        seen = known | writer.hashes(before=ranges[0][0])
+        work = Work(source, embedder, decoder, writer, ranges, options, seen, blocked)
+        (distributor or LocalDistributor()).run(work, progress)
+    settle_chunks(writer, known, blocked)
+    chunks = writer.chunks()
+    start = ranges[0][0] if ranges else stop or 0
+    return _Run(start, _rows_done(writer) - done_before, time.perf_counter() - started,
+                chunks[-1].row_end if chunks else 0)
 
 
-class _ChunkBuffer:
-    """Features of consecutive rows waiting to be written as one chunk."""
+def missing_ranges(chunks: list[Chunk], stop: int | None) -> list[tuple[int, int | None]]:
+    """Row ranges of [0, stop) that no finished chunk covers, in order (stop None: a stream's unknown end)."""
+    ranges, at = [], 0
+    for chunk in chunks:
+        if chunk.row_start > at:
+            ranges.append((at, chunk.row_start))
+        at = max(at, chunk.row_end)
+    if stop is None or at < stop:
+        ranges.append((at, stop))
+    return ranges
+
+
+def _rows_done(writer: Writer) -> int:
+    return sum(c.row_end - c.row_start for c in writer.chunks())
+
+
+def settle_chunks(writer: Writer, known: set[str], blocked: set[str]) -> None:
+    """Drop from the finished chunks, in source order, what a run in order drops as it goes: images
+    already `known`, seen at an earlier row, or removed before. Chunks written out of order (by a
+    distributed run, or across runs) then hold what one run in order would have kept."""
+    seen = set(known)
+    for chunk in writer.chunks():
+        dropped = Counter()
+        keep = _keep_new(chunk_hashes(chunk), seen, blocked, dropped) if chunk.count else []
+        if len(keep) < chunk.count:
+            writer.filter_chunk(chunk, np.array(keep, np.int64), dropped)
+
+
+class ChunkBuffer:
+    """Features of consecutive rows waiting to be written as one chunk (by any distributor)."""
 
     def __init__(self, row_start: int):
         self.row_start = self.row_end = row_start

@@ -21,6 +21,23 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", action="store_true", help="read the dataset as a stream instead of downloading it first")
 
 
+def add_ray_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", metavar="auto|ADDRESS", help="run on a Ray cluster: auto (the one this machine belongs to, "
+                   "else a new one here) or the head's address; workers read, decode and embed shards in parallel "
+                   "(README, Building on a Ray cluster)")
+
+
+def connect_ray(address: str):
+    """The Ray distributor, connected, with a line saying what it runs on and the device its actors use."""
+    from .ray_build import RayDistributor, connect
+
+    resources = connect(address)
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    models = "a model per GPU" if gpus else "a model per machine on its CPUs"
+    where = f"a Ray cluster of {cpus} CPUs and {gpus} GPUs, {models}"
+    return RayDistributor(), where, "cuda" if gpus else "cpu"
+
+
 def index_embedder(index: str | Path, built: dict, model: str | None, device: str, **options):
     """The model an index was `built` with (its manifest's "model"), or the local copy of it given as
     `model`, at the index's input size; another model is refused before it loads."""
@@ -43,17 +60,16 @@ def run_options(args: argparse.Namespace, device: str) -> BuildOptions:
 
 
 def progress_bar(total: int | None, desc: str):
-    """A tqdm bar and the callback that moves it by decoded batches (starting where a resumed run stopped)."""
+    """A tqdm bar and the callback that moves it by the rows of each batch or chunk done, in any order
+    (a resumed run's first call counts the rows earlier runs finished)."""
     from tqdm import tqdm
 
     bar, skipped = tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True), {}
 
     def progress(decoded) -> None:
-        if bar.n == 0 and decoded.first_row > 0:  # resumed: start where earlier runs stopped
-            bar.n = bar.last_print_n = decoded.first_row
         for reason, n in decoded.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-        bar.update(decoded.last_row + 1 - bar.n)
+        bar.update(decoded.last_row + 1 - decoded.first_row)
         if skipped:
             bar.set_postfix(skipped=sum(skipped.values()))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from dino_demo.errors import HubUnreachable, UserError, first_line
 from dino_demo.hub import hub_reachable
@@ -29,6 +29,34 @@ class Row:
     label: str | None
 
 
+@dataclass(frozen=True)
+class SourceSpec:
+    """How to open a source: plain values, so a worker on another machine can open the same rows."""
+
+    dataset: str
+    split: str = "train"
+    image_column: str | None = None
+    label_column: str | None = None
+    streaming: bool = False
+    revision: str | None = None
+
+    def open(self) -> "Source":
+        return open_source(self.dataset, self.split, self.image_column, self.label_column, self.streaming,
+                           self.revision)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A part of the collection one worker reads on its own: `datasets`' shard `index` of `count`,
+    holding source rows [first_row, end_row)."""
+
+    index: int
+    count: int
+    first_row: int
+    end_row: int
+    cut: int  # a prepared dataset's rows [0, cut) were cut into `count` shards (0 for a stream)
+
+
 @dataclass
 class Source:
     dataset: Any  # datasets.Dataset or datasets.IterableDataset
@@ -39,6 +67,7 @@ class Source:
     location: str = ""  # hub id as given, or the local path made absolute
     split: str = "train"
     revision: str | None = None  # hub revision asked for (a branch, tag or commit), if any
+    spec: SourceSpec | None = None  # how to open it again elsewhere (None: made by hand, local builds only)
 
     def rows(self, start: int = 0, limit: int | None = None) -> Iterator[Row]:
         """Rows from position `start` up to position `limit` (exclusive), in order."""
@@ -49,6 +78,42 @@ class Source:
         for index, record in enumerate(data, start):
             if stop is not None and index >= stop:
                 return
+            yield Row(index, record.get(self.image_column), self._label(record))
+
+    def shards(self, stop: int | None, rows_per_shard: int, sizes: Iterable[int] = ()) -> list[Shard]:
+        """Rows [0, stop) as `datasets` shards: contiguous pieces of about `rows_per_shard` rows of a
+        prepared dataset, or a stream's own shards (its files) placed by their `sizes` in rows."""
+        if self.num_rows is not None:
+            stop = self.num_rows if stop is None else min(stop, self.num_rows)
+            count = max(1, -(-stop // rows_per_shard))
+            return [Shard(i, count, *_contiguous(stop, count, i), stop) for i in range(count)]
+        shards, first = [], 0
+        for i, rows in enumerate(sizes):
+            if stop is not None and first >= stop:
+                break
+            end = first + rows if stop is None else min(first + rows, stop)
+            shards.append(Shard(i, self.dataset.n_shards, first, end, 0))
+            first += rows
+        return shards
+
+    def stream_shards(self) -> int:
+        """How many shards (files) a stream has: each can be read, and counted, on its own."""
+        return self.dataset.n_shards
+
+    def count_stream_shard(self, index: int) -> int:
+        """Rows in shard `index` of a stream (read through once, images left undecoded)."""
+        return sum(1 for _ in self.dataset.shard(self.dataset.n_shards, index, contiguous=True))
+
+    def shard_rows(self, shard: Shard, start: int, stop: int) -> Iterator[Row]:
+        """Rows [start, stop) of `shard`, read from that shard alone: a worker never reads the rows
+        of the shards before it."""
+        if self.num_rows is not None:
+            data = self.dataset.select(range(shard.cut)) if shard.cut < self.num_rows else self.dataset
+            part = data.shard(shard.count, shard.index, contiguous=True)
+            part = part.select(range(start - shard.first_row, stop - shard.first_row))
+        else:  # a stream's shard is one file: rows before `start` in it are read past, no others
+            part = self.dataset.shard(shard.count, shard.index, contiguous=True).skip(start - shard.first_row)
+        for index, record in zip(range(start, stop), part):
             yield Row(index, record.get(self.image_column), self._label(record))
 
     def _label(self, record: dict) -> str | None:
@@ -98,7 +163,16 @@ def open_source(
     num_rows = None if streaming else len(data)
     local = Path(dataset).expanduser()
     location = str(local.resolve()) if local.exists() else dataset
-    return Source(data, image_column, label_column, num_rows, label_names, location, split, revision)
+    where = str(local.absolute()) if dataset.endswith(".parquet") and not local.exists() else location  # a glob
+    spec = SourceSpec(where, split, image_column, label_column, streaming, revision)
+    return Source(data, image_column, label_column, num_rows, label_names, location, split, revision, spec)
+
+
+def _contiguous(rows: int, count: int, index: int) -> tuple[int, int]:
+    """The rows of shard `index` of `count` as `Dataset.shard(contiguous=True)` cuts `rows` rows."""
+    size, extra = divmod(rows, count)
+    first = index * size + min(index, extra)
+    return first, first + size + (index < extra)
 
 
 def _load(dataset: str, split: str, streaming: bool, revision: str | None = None):

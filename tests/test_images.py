@@ -134,3 +134,90 @@ def test_extreme_aspect_ratios_load():
 def test_thumbnail_is_a_small_jpeg_with_the_same_aspect():
     thumb = Image.open(io.BytesIO(make_thumbnail(make_image(5, (400, 200)), 128)))
     assert thumb.format == "JPEG" and thumb.size == (128, 64)
+
+
+# --- load_image_tensors: nvJPEG for plain JPEGs where there is one, load_image's path for the rest ---
+
+def jpeg_cases() -> dict[str, object]:
+    turned = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees to show upright
+    make_image(3, (40, 30)).save(turned, "JPEG", exif=exif)
+    return {"rgb jpeg": encode(make_image(1, (40, 30)), "JPEG"),
+            "grey jpeg": encode(make_image(2, (40, 48)).convert("L"), "JPEG"),
+            "datasets dict": {"bytes": encode(make_image(4, (32, 32)), "JPEG"), "path": None},
+            "png": encode(make_image(5, (36, 30)), "PNG"),
+            "exif-turned jpeg": turned.getvalue(),
+            "cmyk jpeg": encode(make_image(6, (36, 28)).convert("CMYK"), "JPEG"),
+            "truncated jpeg": encode(make_image(7, (40, 30)), "JPEG")[:100]}
+
+
+class FakeGpuDecoder:
+    """Stands in for nvJPEG on a machine without a GPU: records what it is given, decodes with Pillow."""
+    def __init__(self, fail: bool = False):
+        self.given: list[bytes] = []
+        self.fail = fail
+
+    def __call__(self, files: list[bytes]):
+        import torch
+
+        self.given += files
+        if self.fail:
+            raise RuntimeError("nvjpeg: unsupported JPEG")
+        return [torch.from_numpy(np.asarray(Image.open(io.BytesIO(f)).convert("RGB")).copy()).permute(2, 0, 1)
+                for f in files]
+
+
+def expected_tensor(source):
+    return np.asarray(load_image(source)).transpose(2, 0, 1)
+
+
+def test_without_cuda_and_torchvision_there_is_no_gpu_decoder():
+    import torch
+
+    from dino_demo.images import nvjpeg_decoder
+
+    assert nvjpeg_decoder("cpu") is None
+    assert nvjpeg_decoder("cuda") is None or torch.cuda.is_available()
+
+
+def test_plain_jpegs_go_to_the_gpu_decoder_and_every_other_file_the_cpu_way(tmp_path):
+    from dino_demo.images import load_image_tensors
+
+    cases = jpeg_cases()
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(cases["rgb jpeg"])
+    cases["jpeg file path"] = str(path)
+    decoder = FakeGpuDecoder()
+    out = dict(zip(cases, load_image_tensors(list(cases.values()), "cpu", jpeg_decoder=decoder)))
+    assert decoder.given == [cases["rgb jpeg"], cases["grey jpeg"], cases["datasets dict"]["bytes"], cases["rgb jpeg"]]
+    assert isinstance(out["truncated jpeg"], ImageError)
+    for name, source in cases.items():
+        if name != "truncated jpeg":
+            assert out[name].dtype.is_floating_point is False and np.array_equal(out[name].numpy(), expected_tensor(source)), name
+    assert out["exif-turned jpeg"].shape == (3, 40, 30)  # turned upright by load_image, not sent sideways to nvJPEG
+
+
+def test_a_batch_the_gpu_decoder_fails_on_is_decoded_on_the_cpu():
+    from dino_demo.images import load_image_tensors
+
+    cases = jpeg_cases()
+    sources = [cases["rgb jpeg"], cases["png"]]
+    out = load_image_tensors(sources, "cpu", jpeg_decoder=FakeGpuDecoder(fail=True))
+    assert [np.array_equal(t.numpy(), expected_tensor(s)) for t, s in zip(out, sources)] == [True, True]
+
+
+def test_without_a_gpu_decoder_every_image_takes_the_cpu_path():
+    from dino_demo.images import load_image_tensors
+
+    cases = jpeg_cases()
+    out = load_image_tensors([cases["rgb jpeg"], cases["truncated jpeg"]], "cpu")
+    assert np.array_equal(out[0].numpy(), expected_tensor(cases["rgb jpeg"])) and isinstance(out[1], ImageError)
+
+
+def test_a_jpeg_over_the_pixel_limit_is_refused_before_any_decoding():
+    from dino_demo.images import load_image_tensors
+
+    decoder = FakeGpuDecoder()
+    out = load_image_tensors([encode(make_image(1, (40, 30)), "JPEG")], "cpu", max_pixels=1000, jpeg_decoder=decoder)
+    assert decoder.given == [] and isinstance(out[0], ImageError) and out[0].reason == "too large"
