@@ -15,8 +15,10 @@ from __future__ import annotations
 import copy
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -191,8 +193,11 @@ class Embedder:
         self._lock = threading.Lock()  # one forward at a time; attend() switches the last layer's kernel
         self._last_layer = LastLayerKernel(self.model)
         order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
-        self._onnx: OnnxModel | None = self._load_onnx(order, Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx")
+        self._onnx_dir = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
+        self._onnx: OnnxModel | None = self._load_onnx(order, self._onnx_dir)
         self.backend: str = self._onnx.backend if self._onnx else "torch"
+        self._onnx_attention: OnnxModel | None = None  # made on the first attend(): most apps never need it
+        self._attention_tried = False
 
     def _load_onnx(self, order: list[str], cache_dir: Path) -> OnnxModel | None:
         """The first ONNX backend of `order` that loads and passes its check; None: use torch."""
@@ -270,9 +275,8 @@ class Embedder:
     def attend(self, images: list[Image.Image]) -> Attended:
         """Features and the last layer's CLS attention of RGB images, from one forward pass per batch.
 
-        Always plain torch, the last layer with eager attention (SDPA and the ONNX export return no attention
-        weights; the other layers keep SDPA, which halves the time), so on a CPU the features can differ a little
-        from `embed`'s ONNX ones; they are only compared with each other.
+        The last layer runs eager attention (SDPA returns no weights; the other layers keep SDPA); on a CPU with
+        an ONNX backend, through a second export of the same backend that also returns the attention row.
         """
         parts = [self._attend_batch(images[start : start + self.batch_size])
                  for start in range(0, len(images), self.batch_size)]
@@ -283,16 +287,31 @@ class Embedder:
     def _attend_batch(self, images: list[Image.Image]) -> Attended:
         pixels = self._to_input(np.stack([prepare_image(im, self.input_size) for im in images]))
         with self._lock:
-            self._last_layer.set_attn_implementation("eager")
-            try:
-                out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
-            finally:
-                self._last_layer.set_attn_implementation("sdpa")
-        hidden = torch.nn.functional.normalize(out.last_hidden_state.float(), dim=-1)
+            onnx = self._attention_backend()
+            if onnx is not None:
+                hidden, rows = (torch.from_numpy(a) for a in onnx.outputs(pixels.numpy()))
+            else:
+                with self._last_layer.eager():
+                    out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
+                hidden, rows = out.last_hidden_state, out.attentions[-1][:, :, 0]  # rows: (n, heads, tokens)
+        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
         features = Features(hidden[:, 0].cpu().numpy(), hidden[:, self.num_prefix_tokens:].cpu().numpy(),
                             self.grid, [im.size for im in images])
-        last = out.attentions[-1][:, :, 0, self.num_prefix_tokens:].float()  # (n, heads, patches)
+        last = rows[:, :, self.num_prefix_tokens:].float()  # (n, heads, patches)
         return Attended(features, last.reshape(len(images), -1, *self.grid).cpu().numpy())
+
+    def _attention_backend(self) -> OnnxModel | None:
+        """The ONNX export that also returns attention, with the backend embed() uses, made once on first use;
+        None on torch (or when it cannot be made: then torch, with one warning)."""
+        if self._onnx is not None and not self._attention_tried:
+            self._attention_tried = True
+            try:
+                with self._last_layer.eager():
+                    self._onnx_attention = load_onnx_model(self.model, self.input_size, self._onnx.backend,
+                                                           self._onnx_dir, self._interpolate, attention=True)
+            except BackendUnavailable as e:
+                log.warning("%s; attention maps use torch instead.", e)
+        return self._onnx_attention
 
     def attention(self, image: Image.Image) -> np.ndarray:
         """(heads, gh, gw) float32: how much the last layer's CLS token attends to each patch."""
@@ -315,8 +334,14 @@ class LastLayerKernel:
             if hasattr(module, "config"):
                 module.config = self.config
 
-    def set_attn_implementation(self, kernel: str) -> None:
-        self.config._attn_implementation = kernel
+    @contextmanager
+    def eager(self) -> Iterator[None]:
+        """The last layer on eager attention (which returns its weights) while inside."""
+        self.config._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            self.config._attn_implementation = "sdpa"
 
 
 def _processor_size(settings: dict) -> int | None:

@@ -45,7 +45,12 @@ class OnnxModel:
 
     def __call__(self, pixel_values: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 normalised pixels -> (n, tokens, d) float32 hidden states."""
-        return self.session.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
+        return self.outputs(pixel_values)[0]
+
+    def outputs(self, pixel_values: np.ndarray) -> list[np.ndarray]:
+        """Every output: the hidden states and, for an export made with attention, (n, heads, tokens) float32,
+        the last layer's attention of the CLS token."""
+        return self.session.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})
 
 
 def backend_order(backend: str, device: str) -> list[str]:
@@ -60,8 +65,11 @@ def backend_order(backend: str, device: str) -> list[str]:
 
 
 def load_onnx_model(model: torch.nn.Module, input_size: int, backend: str, cache_dir: Path,
-                    extra_kwargs: dict, threads: int | None = None, min_cosine: float = MIN_COSINE) -> OnnxModel:
-    """The cached export of `model` for `backend`, made (and checked) first if it is not there yet.
+                    extra_kwargs: dict, threads: int | None = None, min_cosine: float = MIN_COSINE,
+                    attention: bool = False) -> OnnxModel:
+    """The cached export of `model` for `backend`, made (and checked) first if it is not there yet; with
+    `attention`, one that also returns the last layer's CLS attention (the model's last layer must then
+    compute attention weights: eager).
 
     Raises BackendUnavailable when onnxruntime is missing, the export fails or the check refuses it.
     """
@@ -71,13 +79,13 @@ def load_onnx_model(model: torch.nn.Module, input_size: int, backend: str, cache
         raise BackendUnavailable("onnxruntime is not installed (pip install -r requirements.txt)") from None
     checks = _check_inputs(input_size)
     key = _cache_key(model, input_size, onnxruntime.__version__)
-    path = Path(cache_dir).expanduser() / f"{key}.{backend}.onnx"
+    path = Path(cache_dir).expanduser() / f"{key}.{backend}{'.attention' if attention else ''}.onnx"
     verdict_path = path.with_suffix(".json")
     try:
         if not (path.exists() and verdict_path.exists()):
-            _export(model, input_size, backend, path, extra_kwargs)
+            _export(model, input_size, backend, path, extra_kwargs, attention)
             session = _session(onnxruntime, path, threads)
-            cosine = _worst_cosine(model, session, checks, extra_kwargs)
+            cosine = _worst_cosine(model, session, checks, extra_kwargs, attention)
             atomic.write_bytes(verdict_path, json.dumps({"backend": backend, "cosine": cosine}).encode())
         else:
             session = _session(onnxruntime, path, threads)
@@ -92,12 +100,15 @@ def load_onnx_model(model: torch.nn.Module, input_size: int, backend: str, cache
 class _HiddenStates(torch.nn.Module):
     """The backbone with one tensor in and one out, which is what the exporter traces."""
 
-    def __init__(self, model: torch.nn.Module, extra_kwargs: dict):
+    def __init__(self, model: torch.nn.Module, extra_kwargs: dict, attention: bool = False):
         super().__init__()
-        self.model, self.extra_kwargs = model, extra_kwargs
+        self.model, self.extra_kwargs, self.attention = model, extra_kwargs, attention
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values, **self.extra_kwargs).last_hidden_state
+    def forward(self, pixel_values: torch.Tensor):
+        if not self.attention:
+            return self.model(pixel_values=pixel_values, **self.extra_kwargs).last_hidden_state
+        out = self.model(pixel_values=pixel_values, output_attentions=True, **self.extra_kwargs)
+        return out.last_hidden_state, out.attentions[-1][:, :, 0]
 
 
 def _resize_bicubic_antialiased(g, x, output_size, align_corners, scales_h=None, scales_w=None):
@@ -118,7 +129,8 @@ def _resize_bicubic_antialiased(g, x, output_size, align_corners, scales_h=None,
                 exclude_outside_i=1, coordinate_transformation_mode_s="align_corners" if corners else "half_pixel")
 
 
-def _export(model: torch.nn.Module, input_size: int, backend: str, path: Path, extra_kwargs: dict) -> None:
+def _export(model: torch.nn.Module, input_size: int, backend: str, path: Path, extra_kwargs: dict,
+            attention: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _resize_bicubic_antialiased, _OPSET)
     example = torch.zeros(1, 3, input_size, input_size)
@@ -130,9 +142,11 @@ def _export(model: torch.nn.Module, input_size: int, backend: str, path: Path, e
             with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), silenced_output():
                 warnings.simplefilter("ignore")  # tracer warnings about Python branches on fixed shapes
                 # The TorchScript exporter needs no extra packages and traces HF ViT / DINOv2 as they are.
-                torch.onnx.export(_HiddenStates(model, extra_kwargs).eval(), (example,), str(fp32), dynamo=False,
-                                  input_names=["pixel_values"], output_names=["hidden"], opset_version=_OPSET,
-                                  dynamic_axes={"pixel_values": {0: "n"}, "hidden": {0: "n"}})
+                outputs = ["hidden", "attention"] if attention else ["hidden"]
+                torch.onnx.export(_HiddenStates(model, extra_kwargs, attention).eval(), (example,), str(fp32),
+                                  dynamo=False, input_names=["pixel_values"], output_names=outputs,
+                                  opset_version=_OPSET,
+                                  dynamic_axes={name: {0: "n"} for name in ["pixel_values", *outputs]})
         finally:
             torch._C._jit_set_onnx_log_enabled(False)
         made = fp32
@@ -176,10 +190,19 @@ def _check_inputs(input_size: int) -> np.ndarray:
     return ((pixels - 0.45) / 0.225).numpy()
 
 
-def _worst_cosine(model: torch.nn.Module, session, pixels: np.ndarray, extra_kwargs: dict) -> float:
+def _worst_cosine(model: torch.nn.Module, session, pixels: np.ndarray, extra_kwargs: dict,
+                  attention: bool = False) -> float:
+    """The lowest cosine to torch float32 over every token's features (and every head's CLS attention row)."""
     with torch.inference_mode():
-        expected = model(pixel_values=torch.from_numpy(pixels), **extra_kwargs).last_hidden_state.float().numpy()
-    got = session.run(None, {"pixel_values": pixels})[0]
+        out = model(pixel_values=torch.from_numpy(pixels), output_attentions=attention, **extra_kwargs)
+    expected = [out.last_hidden_state.float().numpy()]
+    if attention:
+        expected.append(out.attentions[-1][:, :, 0].float().numpy())
+    got = session.run(None, {"pixel_values": pixels})
+    return min(_cosines(e, g) for e, g in zip(expected, got))
+
+
+def _cosines(expected: np.ndarray, got: np.ndarray) -> float:
     dot = np.sum(expected * got, axis=-1)
     return float(np.min(dot / (np.linalg.norm(expected, axis=-1) * np.linalg.norm(got, axis=-1) + 1e-12)))
 

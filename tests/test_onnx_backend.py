@@ -83,10 +83,18 @@ def test_an_export_further_than_the_minimum_cosine_is_refused_and_remembered(tin
     assert load_onnx_model(model.model, 64, "onnx-int8", tmp_path, model._interpolate).cosine > 0.99
 
 
-def test_attention_maps_still_come_from_torch_with_an_onnx_backend(tiny_vit, tmp_path):
-    fast = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path)
-    plain = Embedder(str(tiny_vit), device="cpu")
-    np.testing.assert_allclose(fast.attention(IMAGES[0]), plain.attention(IMAGES[0]), atol=1e-6)
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_registers", "tiny_dinov3"])
+def test_attention_and_features_from_the_onnx_attention_export_are_torchs(request, tmp_path, fixture):
+    folder = str(request.getfixturevalue(fixture))
+    fast = Embedder(folder, device="cpu", backend="onnx", cache_dir=tmp_path, batch_size=2)
+    plain = Embedder(folder, device="cpu", backend="torch")
+    got, want = fast.attend(IMAGES[:3]), plain.attend(IMAGES[:3])  # two batches
+    assert fast._onnx_attention is not None
+    np.testing.assert_allclose(got.attention, want.attention, atol=1e-5)
+    np.testing.assert_allclose(got.features.patches, want.features.patches, atol=1e-4)
+    # the export is made once and kept beside the plain one
+    assert len(list((tmp_path / "onnx").glob("*.attention.onnx"))) == 1
+    np.testing.assert_allclose(fast.embed(IMAGES[:1]).cls, plain.embed(IMAGES[:1]).cls, atol=1e-4)
 
 
 def test_backend_order_tries_int8_then_float32_on_cpu_and_torch_alone_on_a_gpu():
