@@ -124,10 +124,9 @@ def components(cells: np.ndarray) -> list[np.ndarray]:
         if labels[start]:
             continue
         labels[start] = len(parts) + 1
-        todo, members = [start], []
+        todo = [start]
         while todo:
             r, c = todo.pop()
-            members.append((r, c))
             for nr in range(max(r - 1, 0), min(r + 2, cells.shape[0])):
                 for nc in range(max(c - 1, 0), min(c + 2, cells.shape[1])):
                     if cells[nr, nc] and not labels[nr, nc]:
@@ -168,11 +167,6 @@ class Sight:
     colours: np.ndarray  # (gh, gw, 3) float32 in 0..1: principal components as RGB
     foreground: np.ndarray  # (gh, gw) bool: where the colours are shown bright
     size: Size  # the image's (width, height)
-
-    @property
-    def mean(self) -> np.ndarray:
-        """(gh, gw) the heads' attention averaged."""
-        return self.heads.mean(axis=0)
 
     def to_json(self) -> dict:
         return {"mask": mask_json(self.mask, self.size),

@@ -22,7 +22,7 @@ from .attention import DEFAULT_SHARE, CoSegmentation, Sight
 from .backbones import describe_registers, short_name
 from .config import Settings
 from .errors import UserError
-from .faces import FaceGate, FaceRefused, NoFaceGate
+from .faces import FaceGate, NoFaceGate
 from .frames import ClipLimits, VideoSource, read_clip, write_video
 from .geometry import Box, fit_box
 from .images import THUMB_SIDE, ImageSource, load_image
@@ -327,9 +327,7 @@ class Engine:
         with timer.step("face_gate"):
             for i, (frame, time_) in enumerate(zip(frames, clip.times)):
                 report(0.05 + 0.3 * i / len(frames), f"Checking frame {i + 1} of {len(frames)} for faces")
-                check = self.gate.check(frame)
-                if check.has_face:
-                    raise FaceRefused(check, f"Frame {i + 1} of the clip (at {time_:.1f} s)", "clip")
+                self.gate.require_no_face(frame, f"Frame {i + 1} of the clip (at {time_:.1f} s)", "clip")
         with timer.step("model"):
             attended = self._attend_frames(frames, report)
         with timer.step("colours"):  # one basis for all frames: a part keeps its colour

@@ -217,11 +217,11 @@ class FaceGate:
         """`check` of each image; a batched detector (dino_demo.face_torch) overrides it."""
         return [self.check(image) for image in images]
 
-    def require_no_face(self, image: Image.Image) -> None:
-        """Raises FaceRefused, with a message for the user, if the image shows a face."""
+    def require_no_face(self, image: Image.Image, what: str = "This image", instead: str = "image") -> None:
+        """Raises FaceRefused, with a message for the user naming `what` was refused, if the image shows a face."""
         check = self.check(image)
         if check.has_face:
-            raise FaceRefused(check)
+            raise FaceRefused(check, what, instead)
 
     def close(self) -> None:
         """Frees MediaPipe; a later check loads it again."""

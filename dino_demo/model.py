@@ -51,6 +51,12 @@ class Features:
         """The features of image i alone, as a batch of one."""
         return Features(self.cls[i:i + 1], self.patches[i:i + 1], self.grid, [self.sizes[i]])
 
+    @classmethod
+    def joined(cls, parts: list["Features"]) -> "Features":
+        """One batch of several, in order."""
+        return cls(np.concatenate([p.cls for p in parts]), np.concatenate([p.patches for p in parts]),
+                   parts[0].grid, [s for p in parts for s in p.sizes])
+
 
 @dataclass
 class Attended:
@@ -62,10 +68,7 @@ class Attended:
     @classmethod
     def joined(cls, parts: list["Attended"]) -> "Attended":
         """One batch of several, in order."""
-        features = [p.features for p in parts]
-        return cls(Features(np.concatenate([f.cls for f in features]), np.concatenate([f.patches for f in features]),
-                            features[0].grid, [s for f in features for s in f.sizes]),
-                   np.concatenate([p.attention for p in parts]))
+        return cls(Features.joined([p.features for p in parts]), np.concatenate([p.attention for p in parts]))
 
 
 def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
@@ -243,12 +246,7 @@ class Embedder:
             parts.append(self.embed_prepared(arrays, [im.size for im in chunk]))
         if not parts:
             raise ValueError("embed() needs at least one image")
-        return Features(
-            cls=np.concatenate([p.cls for p in parts]),
-            patches=np.concatenate([p.patches for p in parts]),
-            grid=self.grid,
-            sizes=[s for p in parts for s in p.sizes],
-        )
+        return Features.joined(parts)
 
     @torch.inference_mode()
     def embed_prepared(self, pixels: np.ndarray, sizes: list[tuple[int, int]]) -> Features:
@@ -258,12 +256,13 @@ class Embedder:
                 hidden = torch.from_numpy(self._onnx(self._to_input(pixels).numpy()))
             else:
                 hidden = self.model(pixel_values=self._to_input(pixels), **self._interpolate).last_hidden_state
+        return self._features(hidden, sizes)
+
+    def _features(self, hidden: torch.Tensor, sizes: list[tuple[int, int]]) -> Features:
+        """Features from (n, tokens, d) last hidden states: the CLS token, and the patches after the registers."""
         hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        cls = hidden[:, 0]
-        patches = hidden[:, self.num_prefix_tokens :]
-        return Features(
-            cls=cls.cpu().numpy(), patches=patches.cpu().numpy(), grid=self.grid, sizes=list(sizes)
-        )
+        return Features(cls=hidden[:, 0].cpu().numpy(), patches=hidden[:, self.num_prefix_tokens:].cpu().numpy(),
+                        grid=self.grid, sizes=list(sizes))
 
     def _to_input(self, pixels: np.ndarray) -> torch.Tensor:
         # Normalise on the device: workers ship compact uint8, the GPU does the float work.
@@ -294,9 +293,7 @@ class Embedder:
                 with self._last_layer.eager():
                     out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
                 hidden, rows = out.last_hidden_state, out.attentions[-1][:, :, 0]  # rows: (n, heads, tokens)
-        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        features = Features(hidden[:, 0].cpu().numpy(), hidden[:, self.num_prefix_tokens:].cpu().numpy(),
-                            self.grid, [im.size for im in images])
+        features = self._features(hidden, [im.size for im in images])
         last = rows[:, :, self.num_prefix_tokens:].float()  # (n, heads, patches)
         return Attended(features, last.reshape(len(images), -1, *self.grid).cpu().numpy())
 

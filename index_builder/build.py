@@ -25,7 +25,7 @@ from dino_demo.images import DEFAULT_MAX_PIXELS, THUMB_SIDE, ImageError, content
 from dino_demo.index import MANIFEST, IndexFolderError, load_index, read_manifest
 from dino_demo.index_types import INDEX_TYPES, choose_layout
 from dino_demo.index_writer import Chunk, Writer, chunk_hashes, hold_lock, now, write_tombstones
-from dino_demo.model import Embedder, prepare_image
+from dino_demo.model import Embedder, Features, prepare_image
 
 from .source import Row, Source
 
@@ -263,10 +263,10 @@ def embed_decoded(embedder: Embedder, decoded: Decoded, batch_size: int) -> tupl
     """CLS (n, d) and patch (n, p, d) vectors of decoded images, `batch_size` at a time (None, None: none)."""
     if not decoded.pixels:
         return None, None
-    parts = [embedder.embed_prepared(np.stack(decoded.pixels[i:i + batch_size]),
-                                     [(m["width"], m["height"]) for m in decoded.meta[i:i + batch_size]])
-             for i in range(0, len(decoded.pixels), batch_size)]
-    return np.concatenate([f.cls for f in parts]), np.concatenate([f.patches for f in parts])
+    features = Features.joined([embedder.embed_prepared(np.stack(decoded.pixels[i:i + batch_size]),
+                                                        [(m["width"], m["height"]) for m in decoded.meta[i:i + batch_size]])
+                                for i in range(0, len(decoded.pixels), batch_size)])
+    return features.cls, features.patches
 
 
 def build_index(source: Source, embedder: Embedder, out_dir: str, options: BuildOptions, progress=None,
