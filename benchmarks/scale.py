@@ -10,6 +10,12 @@ real `search_image` / `search_region`; region recall@10 is against exact brute-f
 every patch, and over the slots the layout stores.
 
     .venv/bin/python benchmarks/scale.py --sizes 10000,100000 --patches all,pooled,salient
+
+With `--work DIR --keep` the built folder (and the exact truth) stays in DIR and a later run with the
+same size, layout and index type reuses it, so search settings can be swept without rebuilding:
+
+    .venv/bin/python benchmarks/scale.py --sizes 1000000 --patches all --direct-patches --work /tmp/scale --keep \
+        --region-sweep "nprobe=512,per_patch=256,candidates=200;nprobe=128,per_patch=64,candidates=50"
 """
 from __future__ import annotations
 
@@ -154,10 +160,38 @@ def rss_mb() -> float:
     return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) / 1024
 
 
+def cached_truth(out: Path, keep: bool, queries: tuple[int, int], compute) -> tuple:
+    """The exact truth, computed once per kept folder and query counts (it scans every vector: minutes at 1M)."""
+    file = out / f"truth-{queries[0]}-{queries[1]}.npz"
+    if keep and file.is_file():
+        saved = np.load(file)
+        return saved["image"], saved["region"], saved["kept"]
+    truth = compute()
+    if keep:
+        np.savez(file, image=truth[0], region=truth[1], kept=truth[2])
+    return truth
+
+
+def sweep(index, r_q, kept_truth, settings: str) -> None:
+    """Region search under other search settings: `nprobe=..,per_patch=..,candidates=..` per `;`."""
+    for setting in filter(None, settings.split(";")):
+        kv = dict(part.split("=") for part in setting.split(","))
+        if "nprobe" in kv:
+            nprobe = int(kv["nprobe"])
+            for part in index.patch_index.parts:
+                faiss.ParameterSpace().set_index_parameters(part, f"nprobe={nprobe},quantizer_efSearch={2 * nprobe}")
+        args = {k: int(v) for k, v in kv.items() if k in ("per_patch", "candidates")}
+        timed(lambda fb: search_region(index, fb[0], fb[1], 10, **args), r_q[:3])  # warm the pages these touch
+        hits, ms = timed(lambda fb: search_region(index, fb[0], fb[1], 10, **args), r_q)
+        print(f"  region search [{setting}] p50 {np.percentile(ms, 50):.1f} ms  p95 {np.percentile(ms, 95):.1f} ms  "
+              f"recall@10 {recall([[h.id for h in hs] for hs in hits], kept_truth):.3f} vs the slots stored")
+
+
 def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None:
     data = Synthetic(count, grid=(4, 4) if args.direct_patches else GRID, structure=args.structure)
-    out = work / f"{count}-{patches}-{index_type}"
-    build_s = build(out, data, count, patches, index_type)
+    out = work / f"{count}-{patches}-{index_type}-{args.structure}{'-direct' if args.direct_patches else ''}"
+    reused = args.keep and (out / "manifest.json").is_file()
+    build_s = 0.0 if reused else build(out, data, count, patches, index_type)
     disk = {f.name: f.stat().st_size for f in out.iterdir()}
     before = rss_mb()
     index = load_index(out)
@@ -169,11 +203,12 @@ def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None
     served = rss_mb()
     r_query = [fb[0].patches[0, patches_in(Box(*fb[1]), SIZE, data.grid)] for fb in r_q]
     layout = index.layout  # what the build stored (`auto` resolved by the writer)
-    g_truth, r_truth, kept_truth = exact_truth(data, count, g_q, r_query, layout)
+    g_truth, r_truth, kept_truth = cached_truth(out, args.keep, (args.queries, args.region_queries), lambda: exact_truth(data, count, g_q, r_query, layout))
     m = index.manifest
     print(f"\n{count:,} images, patches={patches} ({m['patches_per_image']}/image), index-type={index_type}")
     print(f"  global: {m['global_factory']} [{m['global_search']}]  patch: {m['patch_factory']} [{m['patch_search']}]")
-    print(f"  build+train (from vectors): {build_s:.1f} s = {count / build_s:,.0f} images/s")
+    print(f"  build+train (from vectors): {build_s:.1f} s = {count / build_s:,.0f} images/s" if build_s
+          else f"  reused the folder built earlier: {out}")
     print(f"  disk per image: " + ", ".join(f"{k} {v / count:,.0f} B" for k, v in sorted(disk.items())
                                             if k.endswith((".faiss", ".npy"))))
     print(f"  RSS: +{loaded - before:,.0f} MB on open, +{served - before:,.0f} MB after the queries (touched pages)")
@@ -182,8 +217,10 @@ def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None
     print(f"  region search p50 {np.percentile(r_ms, 50):.1f} ms  p95 {np.percentile(r_ms, 95):.1f} ms  "
           f"recall@10 {recall([[h.id for h in hs] for hs in r_hits], r_truth):.3f} vs exact over all patches, "
           f"{recall([[h.id for h in hs] for hs in r_hits], kept_truth):.3f} vs exact over the {layout.mode} slots stored")
+    sweep(index, r_q, kept_truth, args.region_sweep)
     del index
-    shutil.rmtree(out)
+    if not args.keep:
+        shutil.rmtree(out)
 
 
 def main() -> None:
@@ -198,6 +235,9 @@ def main() -> None:
     p.add_argument("--direct-patches", action="store_true",
                    help="generate 16 patches per image directly (a 4x4 grid) instead of 196 reduced by the layout: for 1M")
     p.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep each built folder in --work and reuse one already there")
+    p.add_argument("--region-sweep", default="", help="more region-search settings to time, e.g. "
+                   "'nprobe=128,per_patch=64,candidates=100;nprobe=64' (recall against the stored slots)")
     args = p.parse_args()
     faiss.omp_set_num_threads(args.threads)
     print(f"load average {os.getloadavg()}; {args.threads} threads; synthetic clustered vectors ({args.structure} concepts), {DIM} dims")
