@@ -236,7 +236,7 @@ class Engine:
         with timer.step("search"):
             hits = search_image(index, features, k)
         with timer.step("draw"):
-            items = [self._item(index, hit) for hit in hits]
+            items = self._items(index, hits)
         return SearchResults(items, features.sizes[0], None, timer.done())
 
     def search_region(self, source: ImageSource, box, k: int, heat: bool = False,
@@ -254,7 +254,7 @@ class Engine:
         with timer.step("search"):
             hits = search_region(index, features, box, k, with_heat=heat)
         with timer.step("draw"):
-            items = [self._item(index, hit) for hit in hits]
+            items = self._items(index, hits)
         return SearchResults(items, image.size, box, timer.done())
 
     def match(self, source_a: ImageSource, source_b: ImageSource, box=None, n: int = MATCH_LINES,
@@ -360,8 +360,12 @@ class Engine:
         image's is refused (NoSuchImage)."""
         return _thumbnail((index or self.index).row(int(image_id)))
 
-    def _item(self, index: Index, hit: Hit) -> ResultItem:
-        row = index.row(hit.id)  # one read of its metadata and thumbnail
+    def _items(self, index: Index, hits: list[Hit]) -> list[ResultItem]:
+        """Each hit's result picture (its thumbnail, boxed or heat-mapped) from one read of the rows."""
+        return [self._item(hit, row) for hit, row in zip(hits, index.rows([hit.id for hit in hits]))]
+
+    @staticmethod
+    def _item(hit: Hit, row: dict) -> ResultItem:
         size = (int(row["width"]), int(row["height"]))
         picture = _thumbnail(row)
         if hit.heat is not None:

@@ -177,11 +177,22 @@ class Index:
 
     def row(self, image_id: int) -> dict:
         """Metadata of one image: id, source_row, width, height, label, thumbnail (JPEG bytes), source, hash."""
-        segment, local = self._locate(image_id)
-        row = {name: segment.meta.column(name)[local].as_py() for name in segment.meta.column_names}
-        group, offset = divmod(local, segment.thumbnails.metadata.row_group(0).num_rows)
-        row["thumbnail"] = segment.thumbnails.read_row_group(group, ["thumbnail"]).column(0)[offset].as_py()
-        return row
+        return self.rows([image_id])[0]
+
+    def rows(self, image_ids) -> list[dict]:
+        """`row` of each image, in order; each parquet row group of thumbnails is read once for all of them."""
+        located = [self._locate(i) for i in image_ids]
+        groups: dict[tuple[int, int], list] = {}  # (segment, row group) -> its thumbnails, read on first need
+        rows = []
+        for segment, local in located:
+            row = {name: segment.meta.column(name)[local].as_py() for name in segment.meta.column_names}
+            group, offset = divmod(local, segment.thumbnails.metadata.row_group(0).num_rows)
+            key = (id(segment), group)
+            if key not in groups:
+                groups[key] = segment.thumbnails.read_row_group(group, ["thumbnail"]).column(0)
+            row["thumbnail"] = groups[key][offset].as_py()
+            rows.append(row)
+        return rows
 
     def size(self, image_id: int) -> tuple[int, int]:
         segment, local = self._locate(image_id)

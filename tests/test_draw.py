@@ -31,6 +31,22 @@ def test_box_without_original_size_is_in_the_image_pixels():
     assert is_colour(drawn[50, 10], BOX_COLOUR) and is_colour(drawn[50, 50], GREY, 10)
 
 
+def test_box_leaves_the_photo_as_it_was_away_from_the_outline_and_softens_its_edges():
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    before = np.asarray(photo).copy()
+    drawn = np.asarray(draw_box(photo, (20.5, 30.25, 140.5, 100.75), width=3)).astype(int)
+    assert (np.asarray(photo) == before).all()  # the input is not drawn on
+    rows, cols = np.mgrid[:120, :160]
+    near = ((cols >= 18) & (cols <= 143) & (rows >= 28) & (rows <= 103)) & \
+        ~((cols >= 25) & (cols <= 135) & (rows >= 35) & (rows <= 95))  # the ring the outline may touch
+    assert (drawn[~near] == before[~near]).all()  # every other pixel is the photo's own
+    assert is_colour(drawn[65, 22], BOX_COLOUR, 5)  # fully covered: the pure colour
+    # A half-covered pixel at the rim's outer edge mixes the dark rim with the photo.
+    half = drawn[65, 19]
+    assert not is_colour(half, (20, 20, 20), 5) and not (half == before[65, 19]).all()
+
+
 def test_heatmap_has_the_image_size_and_is_brightest_where_similarity_is_highest():
     image = Image.new("RGB", (120, 80), GREY)
     heat = np.zeros((4, 4), np.float32)

@@ -108,6 +108,24 @@ def living(request, images, tmp_path_factory):
     return index_type, folder, fresh, exact, removed
 
 
+def test_rows_of_many_images_read_each_row_group_once_and_equal_row_by_row(living, monkeypatch):
+    _, folder, _, _, removed = living
+    index = load_index(folder)
+    live = index.live_ids()
+    old, new = live[live < FIRST][:3].tolist(), live[live >= FIRST][:2].tolist()  # early rows: one group each
+    ids = [new[1], old[1], new[0], old[2], old[0], new[1]]  # both segments, out of order, one twice
+    expected = [index.row(i) for i in ids]
+    reads = []
+    for segment in index.segments:
+        read = segment.thumbnails.read_row_group
+        monkeypatch.setattr(segment.thumbnails, "read_row_group",
+                            lambda group, columns, read=read, seg=segment: reads.append((id(seg), group)) or read(group, columns))
+    assert index.rows(ids) == expected
+    assert len(reads) == len(set(reads)) == 2  # one group in each segment, read once
+    with pytest.raises(NoSuchImage):
+        index.rows([0, int(removed[0])])
+
+
 def test_ids_are_stable_new_ones_follow_and_removed_ones_are_gone(living, images):
     _, folder, _, _, removed = living
     index = load_index(folder)
