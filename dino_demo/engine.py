@@ -7,6 +7,7 @@ Each result carries its pictures, a JSON-able dict and how long each step took (
 from __future__ import annotations
 
 import io
+import os
 import time
 import uuid
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from .attention import DEFAULT_SHARE, CoSegmentation, Sight
 from .backbones import describe_registers, short_name
 from .config import Settings
 from .errors import UserError
-from .faces import FaceGate, NoFaceGate
+from .faces import ALL_TURNS, FaceGate, NoFaceGate
 from .frames import ClipLimits, VideoSource, read_clip, write_video
 from .geometry import Box, fit_box
 from .images import THUMB_SIDE, ImageSource, load_image
@@ -196,7 +197,8 @@ class Engine:
                       gate: FaceGate | NoFaceGate | None = None) -> "Engine":
         """An engine with the settings' limits and face gate (or `gate`, e.g. a test's stub)."""
         if gate is None:
-            gate = FaceGate() if settings.face_gate else NoFaceGate()
+            # The four turns side by side, one MediaPipe worker per core (faces.FaceGate).
+            gate = FaceGate(workers=min(len(ALL_TURNS), os.cpu_count() or 1)) if settings.face_gate else NoFaceGate()
         limits = ClipLimits(settings.video_seconds, settings.video_frames, settings.video_pixels,
                             settings.max_upload_bytes, settings.video_fps)
         return cls(embedder, index, gate, settings.max_pixels, settings.max_upload_bytes, settings.max_k, limits)

@@ -6,6 +6,7 @@ offline; the Tasks API FaceDetector fails on the bundled full-range model, the o
 """
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -191,27 +192,67 @@ class FaceGate:
 
     MediaPipe finds upright faces only, so a photo turned on its side (pixels turned, no EXIF tag)
     is also checked turned back: each of `turns` (degrees counter-clockwise) until a face is found.
-    The cost per extra turn is measured in benchmarks/RESULTS.md, "Face gate"."""
+    The cost per extra turn is measured in benchmarks/RESULTS.md, "Face gate".
+
+    MediaPipe runs each detection on one core, so with `workers` > 1 the turns are checked side by
+    side, each worker thread with its own detectors (MediaPipe graphs are not thread-safe); the
+    answer is the same: the first turn, in order, that shows a face. The app uses one worker per
+    core (two on a free Space); the builder keeps one per decoding process, which are many already."""
 
     def __init__(self, min_confidence: float = 0.5, detector: Detector | None = None,
-                 turns: tuple[int, ...] = ALL_TURNS):
+                 turns: tuple[int, ...] = ALL_TURNS, workers: int = 1):
         self.min_confidence, self.turns = min_confidence, turns
         self._detector, self._owns_detector = detector, detector is None
+        self.workers = max(1, workers) if detector is None else 1  # an injected detector is one
         self._lock = threading.Lock()  # MediaPipe graphs are not thread-safe; Gradio runs a thread pool
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()  # each worker thread's own detector
+        self._made: list = []  # the workers' detectors, closed by close()
 
     def check(self, image: Image.Image) -> FaceCheck:
         """Finds faces; boxes are in `image`'s pixels."""
         work, check = gate_view(image), FaceCheck(False, [], [])
-        for turn in self.turns:
-            view = work.transpose(_TRANSPOSE[turn]) if turn else work
-            with self._lock:
-                if self._detector is None:
-                    self._detector = MediaPipeDetector(self.min_confidence)
-                found = self._detector(np.asarray(view))  # (h, w, 3) uint8
-            check = face_check(found, turn, work.size, image.size, self.min_confidence)
-            if check.has_face:
-                return check
+        view = lambda turn: np.asarray(work.transpose(_TRANSPOSE[turn]) if turn else work)  # noqa: E731  (h, w, 3) uint8
+        runs = []
+        if self.workers > 1 and len(self.turns) > 1:
+            pool = self._workers()
+            runs = [pool.submit(self._find_here, view(turn)) for turn in self.turns]
+            found = (run.result() for run in runs)
+        else:
+            found = (self._find(view(turn)) for turn in self.turns)  # one at a time: stops at the first face
+        try:
+            for turn, faces in zip(self.turns, found):
+                check = face_check(faces, turn, work.size, image.size, self.min_confidence)
+                if check.has_face:
+                    break
+        finally:
+            for run in runs:
+                run.cancel()  # turns not started once a face is found
         return check
+
+    def _find(self, rgb: np.ndarray) -> Found:
+        with self._lock:
+            if self._detector is None:
+                self._detector = self._new_detector()
+            return self._detector(rgb)
+
+    def _find_here(self, rgb: np.ndarray) -> Found:
+        """Detection in a worker thread, with that thread's own detector."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
+            detector = self._local.detector = self._new_detector()
+            with self._lock:
+                self._made.append(detector)
+        return detector(rgb)
+
+    def _new_detector(self):
+        return MediaPipeDetector(self.min_confidence)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="face-gate")
+            return self._pool
 
     def check_many(self, images: list[Image.Image]) -> list[FaceCheck]:
         """`check` of each image; a batched detector (dino_demo.face_torch) overrides it."""
@@ -226,6 +267,13 @@ class FaceGate:
     def close(self) -> None:
         """Frees MediaPipe; a later check loads it again."""
         with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)  # its threads, and with them their detectors, end here
+        with self._lock:
+            made, self._made, self._local = self._made, [], threading.local()
+            for detector in made:
+                detector.close()
             if self._owns_detector and self._detector is not None:
                 self._detector.close()
                 self._detector = None

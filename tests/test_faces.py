@@ -231,3 +231,56 @@ def test_the_gate_stops_at_the_first_turn_that_shows_a_face(portrait):
     check = FaceGate(detector=fake).check(portrait)  # 512 x 600: turned a quarter it is 600 x 512
     assert views == [(600, 512, 3), (512, 600, 3)]
     assert check.boxes == [Box(5.0, 10.0, 25.0, 40.0).turned_back(90, (512, 600)).rounded_out((512, 600))]
+
+
+class FakeWorkers(FaceGate):
+    """A gate whose worker detectors are `make()`'s fakes, to see how turns are shared out."""
+    def __init__(self, make, workers=2):
+        super().__init__(workers=workers)
+        self._make = make
+
+    def _new_detector(self):
+        return self._make()
+
+
+def test_turns_checked_side_by_side_answer_with_the_first_turn_in_order(portrait):
+    views = {turn: np.asarray(portrait.transpose(TURNS[turn]) if turn else portrait) for turn in (0, 90, 270, 180)}
+    both_inside = threading.Barrier(2, timeout=10)  # broken unless two detections run at once
+
+    class Fake:
+        closed = 0
+
+        def __call__(self, rgb: np.ndarray):
+            turn = next(t for t, v in views.items() if v.shape == rgb.shape and np.array_equal(v, rgb))
+            if turn in (0, 90):
+                both_inside.wait()  # turns 0 and 90 start together on the two workers
+            if turn == 90:
+                time.sleep(0.2)  # 270 answers first, but 90 comes first in order
+            return [((5.0, 10.0, 25.0, 40.0), 0.9)] if turn else []
+
+        def close(self):
+            Fake.closed += 1
+
+    make = Fake
+
+    gate = FakeWorkers(make)
+    check = gate.check(portrait)
+    assert check.boxes == [Box(5.0, 10.0, 25.0, 40.0).turned_back(90, (512, 600)).rounded_out((512, 600))]
+    assert len(gate._made) == 2  # one detector per worker thread
+    gate.close()
+    assert gate._made == [] and gate._pool is None and Fake.closed == 2
+
+
+@pytest.mark.parametrize("turn", [0, 90, 180])
+def test_the_app_gate_with_two_workers_decides_as_the_one_worker_gate(gate, portrait, turn):
+    two = FaceGate(workers=2)
+    try:
+        with Image.open(COLLECTION / "plasma-lake-twilight.jpg") as landscape:
+            canvas = landscape.convert("RGB")
+        canvas.paste(portrait.resize((60, 70)).transpose(TURNS[turn]) if turn else portrait.resize((60, 70)), (200, 120))
+        for image in (portrait.transpose(TURNS[turn]) if turn else portrait, canvas, landscape.convert("RGB")):
+            assert two.check(image) == gate.check(image)
+        two.close()
+        assert two.check(portrait).has_face  # works again after close
+    finally:
+        two.close()
