@@ -62,10 +62,14 @@ def search_region(
     k = min(check_k(k), index.count)
     box = fit_box(box, features.sizes[0])
     query = features.patches[0, patches_in(box, features.sizes[0], features.grid)]  # (m, d)
-    ranked = _candidates(index, query, per_patch)[: max(candidates, k)]
+    candidates = max(candidates, k)
+    # An index no larger than the candidate list is re-ranked whole: no votes needed.
+    ranked = index.live_ids().tolist() if index.count <= candidates else _candidates(index, query, per_patch)[:candidates]
     if not ranked:
         return []
-    sims = np.einsum("md,csd->cms", query, index.patches_of(ranked))  # (candidates, m, slots)
+    stored = index.patches_of(ranked)  # (candidates, slots, d)
+    sims = (stored.reshape(-1, stored.shape[2]) @ query.T).reshape(len(ranked), stored.shape[1], len(query))
+    sims = sims.transpose(0, 2, 1)  # (candidates, m, slots): one matrix product, not einsum's loops
     # Exact score of each candidate: mean over query patches of their best similarity in it.
     best = np.argsort(-sims.max(axis=2).mean(axis=1), kind="stable")[:k]
     return [_hit(index, ranked[i], sims[i], with_heat) for i in best]

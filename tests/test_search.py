@@ -62,14 +62,15 @@ def exact_region_scores(patches_all, q_patches):
     return np.einsum("md,npd->nmp", q_patches, stored).max(axis=2).mean(axis=1)
 
 
-def test_region_search_matches_brute_force(index, vectors):
+@pytest.mark.parametrize("candidates", [200, 8])  # the whole index re-ranked; votes pick 8 of 30 first
+def test_region_search_matches_brute_force(index, vectors, candidates):
     cls, patches = vectors
     rng = np.random.default_rng(2)
     q_patches = unit(rng.standard_normal((16, DIM)))
     box = (0, 0, 32, 48)  # the left half, top three quarters of a 64x64 query: 2 x 3 patches
     chosen = patches_in(Box(*box), (64, 64), GRID)
     assert chosen.tolist() == [0, 1, 4, 5, 8, 9]
-    hits = search_region(index, query(cls[0], q_patches), box, k=5)
+    hits = search_region(index, query(cls[0], q_patches), box, k=5, candidates=candidates)
     exact = exact_region_scores(patches, q_patches[chosen])
     assert [h.id for h in hits] == np.argsort(-exact)[:5].tolist()
     np.testing.assert_allclose([h.score for h in hits], np.sort(exact)[::-1][:5], atol=1e-4)
