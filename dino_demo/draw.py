@@ -87,18 +87,21 @@ def draw_matches(
     shown = matches.top(n)
     sa, sb = height / img_a.height, height / img_b.height
     wa, wb = round(img_a.width * sa), round(img_b.width * sb)
+    canvas = Image.new("RGB", (wa + gap + wb, height), (255, 255, 255))
+    canvas.paste(img_a.convert("RGB").resize((wa, height), Image.Resampling.LANCZOS), (0, 0))
+    canvas.paste(img_b.convert("RGB").resize((wb, height), Image.Resampling.LANCZOS), (wa + gap, 0))
+    # Lines, dots and the box go on a transparent layer at twice the size, shrunk onto the photos.
     s = SUPERSAMPLE
-    canvas = Image.new("RGB", ((wa + gap + wb) * s, height * s), (255, 255, 255))
-    canvas.paste(img_a.convert("RGB").resize((wa * s, height * s), Image.Resampling.BICUBIC), (0, 0))
-    canvas.paste(img_b.convert("RGB").resize((wb * s, height * s), Image.Resampling.BICUBIC), ((wa + gap) * s, 0))
-    pen = ImageDraw.Draw(canvas)
+    layer = Image.new("RGBA", (canvas.width * s, height * s), (0, 0, 0, 0))
+    pen = ImageDraw.Draw(layer)
     if matches.box is not None:
         x0, y0, x1, y1 = Box(*matches.box).scaled(img_a.size, (wa * s, height * s))
         pen.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BOX_COLOUR, width=3 * s)
     count = len(shown)
+    colours = match_colours(count, cmap)
     dot = 5 * s
     for rank in reversed(range(count)):  # weakest first, so the strongest lie on top
-        colour = match_colour(rank, count, cmap)
+        colour = colours[rank]
         ax, ay = shown.points_a[rank] * sa * s
         bx, by = shown.points_b[rank] * sb * s
         bx += (wa + gap) * s
@@ -106,14 +109,16 @@ def draw_matches(
         pen.line((ax, ay, bx, by), fill=colour, width=2 * s)
         for x, y in ((ax, ay), (bx, by)):
             pen.ellipse((x - dot, y - dot, x + dot, y + dot), fill=colour, outline=(255, 255, 255), width=s)
-    return canvas.resize((wa + gap + wb, height), Image.Resampling.LANCZOS)
+    layer = layer.resize(canvas.size, Image.Resampling.LANCZOS)
+    return Image.alpha_composite(canvas.convert("RGBA"), layer).convert("RGB")
 
 
-def match_colour(rank: int, count: int, cmap: str = "turbo") -> Colour:
-    """Colour of the match of this rank: red for the strongest through to blue for the weakest."""
+def match_colours(count: int, cmap: str = "turbo") -> list[Colour]:
+    """Colour of each match rank: red for the strongest through to blue for the weakest."""
     from matplotlib import colormaps
 
-    return tuple(int(c * 255) for c in colormaps[cmap](0.95 - 0.85 * rank / max(1, count - 1))[:3])
+    levels = 0.95 - 0.85 * np.arange(count) / max(1, count - 1)
+    return [tuple(int(c * 255) for c in rgba[:3]) for rgba in colormaps[cmap](levels)]
 
 
 def draw_placeholder(size: tuple[int, int], colour: Colour = (200, 200, 200)) -> Image.Image:

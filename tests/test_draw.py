@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_demo.draw import BOX_COLOUR, draw_box, draw_heatmap, draw_matches, match_colour
+from dino_demo.draw import BOX_COLOUR, draw_box, draw_heatmap, draw_matches, match_colours
 from dino_demo.matching import Matches
 
 GREY = (128, 128, 128)
@@ -73,7 +73,7 @@ def test_match_line_joins_the_two_points_side_by_side_at_the_same_height():
     picture = draw_matches(a, b, one_match((20, 50), (50, 25)), n=10, height=100, gap=10)
     assert picture.size == (200 + 10 + 200, 100)
     pixels = np.asarray(picture)
-    colour = match_colour(0, 1)
+    colour = match_colours(1)[0]
     for x in (60, 150, 205, 250):  # along the horizontal line y = 50, both images and the gap
         assert is_colour(pixels[50, x], colour, 60), (x, pixels[50, x])
     assert is_colour(pixels[20, 150], (0, 0, 0), 10)  # away from the line stays black
@@ -85,10 +85,10 @@ def test_match_lines_are_coloured_strongest_to_weakest_and_limited_to_n():
                       np.array([[10, 10], [10, 50], [10, 90]], np.float32),
                       np.array([[90, 10], [90, 50], [90, 90]], np.float32), None)
     pixels = np.asarray(draw_matches(a, b, matches, n=2, height=100, gap=0))
-    assert is_colour(pixels[10, 100], match_colour(0, 2), 60)
-    assert is_colour(pixels[50, 100], match_colour(1, 2), 60)
+    assert is_colour(pixels[10, 100], match_colours(2)[0], 60)
+    assert is_colour(pixels[50, 100], match_colours(2)[1], 60)
     assert is_colour(pixels[90, 100], (0, 0, 0), 10)  # the third match is not drawn
-    assert match_colour(0, 2) != match_colour(1, 2)
+    assert match_colours(2)[0] != match_colours(2)[1]
 
 
 def test_match_picture_outlines_the_box_on_a():
