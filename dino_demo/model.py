@@ -192,6 +192,7 @@ class Embedder:
         mean = torch.tensor(processor.get("image_mean", IMAGENET_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(processor.get("image_std", IMAGENET_STD), dtype=torch.float32).view(1, 3, 1, 1)
         self._mean, self._std = mean.to(self.device), std.to(self.device)
+        self._mean_array, self._std_array = mean.numpy(), std.numpy()
         self._interpolate = dict(family.forward)  # e.g. DINO's interpolate_pos_encoding; rotary needs none
         self._lock = threading.Lock()  # one forward at a time; attend() switches the last layer's kernel
         self._last_layer = LastLayerKernel(self.model)
@@ -253,22 +254,30 @@ class Embedder:
         """Features of a (n, S, S, 3) uint8 batch made by `prepare_image`; `sizes` are the originals."""
         with self._lock:
             if self._onnx is not None:
-                hidden = torch.from_numpy(self._onnx(self._to_input(pixels).numpy()))
+                hidden = self._onnx(self._to_array(pixels))
             else:
                 hidden = self.model(pixel_values=self._to_input(pixels), **self._interpolate).last_hidden_state
         return self._features(hidden, sizes)
 
-    def _features(self, hidden: torch.Tensor, sizes: list[tuple[int, int]]) -> Features:
+    def _features(self, hidden: torch.Tensor | np.ndarray, sizes: list[tuple[int, int]]) -> Features:
         """Features from (n, tokens, d) last hidden states: the CLS token, and the patches after the registers."""
-        hidden = torch.nn.functional.normalize(hidden.float(), dim=-1)
-        return Features(cls=hidden[:, 0].cpu().numpy(), patches=hidden[:, self.num_prefix_tokens:].cpu().numpy(),
-                        grid=self.grid, sizes=list(sizes))
+        if isinstance(hidden, torch.Tensor):
+            hidden = torch.nn.functional.normalize(hidden.float(), dim=-1).cpu().numpy()
+        else:  # from ONNX Runtime: numpy throughout (see _to_array)
+            hidden = hidden / np.maximum(np.linalg.norm(hidden, axis=-1, keepdims=True), 1e-12)
+        return Features(cls=hidden[:, 0], patches=hidden[:, self.num_prefix_tokens:], grid=self.grid, sizes=list(sizes))
 
     def _to_input(self, pixels: np.ndarray) -> torch.Tensor:
         # Normalise on the device: workers ship compact uint8, the GPU does the float work.
         x = torch.from_numpy(np.require(pixels, np.uint8, ['C', 'W'])).to(self.device, non_blocking=True)
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
         return ((x - self._mean) / self._std).to(self.dtype)
+
+    def _to_array(self, pixels: np.ndarray) -> np.ndarray:
+        """`_to_input` in numpy, for ONNX Runtime. The ONNX path never runs a torch op: torch's threads spin
+        for a while after each op and took the cores ONNX Runtime needed (RESULTS.md, Query embedding)."""
+        x = pixels.transpose(0, 3, 1, 2).astype(np.float32) * np.float32(1 / 255.0)
+        return np.ascontiguousarray((x - self._mean_array) / self._std_array)
 
     @torch.inference_mode()
     def attend(self, images: list[Image.Image]) -> Attended:
@@ -284,18 +293,18 @@ class Embedder:
         return Attended.joined(parts)
 
     def _attend_batch(self, images: list[Image.Image]) -> Attended:
-        pixels = self._to_input(np.stack([prepare_image(im, self.input_size) for im in images]))
+        pixels = np.stack([prepare_image(im, self.input_size) for im in images])
         with self._lock:
             onnx = self._attention_backend()
             if onnx is not None:
-                hidden, rows = (torch.from_numpy(a) for a in onnx.outputs(pixels.numpy()))
+                hidden, rows = onnx.outputs(self._to_array(pixels))
             else:
                 with self._last_layer.eager():
-                    out = self.model(pixel_values=pixels, output_attentions=True, **self._interpolate)
-                hidden, rows = out.last_hidden_state, out.attentions[-1][:, :, 0]  # rows: (n, heads, tokens)
+                    out = self.model(pixel_values=self._to_input(pixels), output_attentions=True, **self._interpolate)
+                hidden, rows = out.last_hidden_state, out.attentions[-1][:, :, 0].float().cpu().numpy()  # (n, heads, tokens)
         features = self._features(hidden, [im.size for im in images])
-        last = rows[:, :, self.num_prefix_tokens:].float()  # (n, heads, patches)
-        return Attended(features, last.reshape(len(images), -1, *self.grid).cpu().numpy())
+        last = rows[:, :, self.num_prefix_tokens:].astype(np.float32)  # (n, heads, patches)
+        return Attended(features, last.reshape(len(images), -1, *self.grid))
 
     def _attention_backend(self) -> OnnxModel | None:
         """The ONNX export that also returns attention, with the backend embed() uses, made once on first use;

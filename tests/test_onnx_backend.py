@@ -2,6 +2,7 @@ import logging
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import make_image
@@ -97,6 +98,25 @@ def test_attention_and_features_from_the_onnx_attention_export_are_torchs(reques
     np.testing.assert_allclose(fast.embed(IMAGES[:1]).cls, plain.embed(IMAGES[:1]).cls, atol=1e-4)
 
 
+def test_the_onnx_path_runs_no_torch_op(tiny_vit, tmp_path):
+    """torch's threads spin after each op and take the cores ONNX Runtime needs: queries on ONNX stay in numpy."""
+    fast = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path)
+    want_features, want_attended = fast.embed(IMAGES[:2]), fast.attend(IMAGES[:1])
+    ran = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            ran.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        features, attended = fast.embed(IMAGES[:2]), fast.attend(IMAGES[:1])
+    assert ran == []
+    np.testing.assert_array_equal(features.patches, want_features.patches)
+    np.testing.assert_array_equal(attended.attention, want_attended.attention)
+    assert features.cls.dtype == np.float32 and attended.attention.dtype == np.float32
+
+
 def test_backend_order_tries_int8_then_float32_on_cpu_and_torch_alone_on_a_gpu():
     assert backend_order("auto", "cpu") == ["onnx-int8", "onnx"]
     assert backend_order("onnx-int8", "cpu") == ["onnx-int8", "onnx"]
@@ -132,3 +152,31 @@ def test_the_app_engine_embeds_with_the_backend_it_is_given(tiny_vit, tmp_path):
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx"))  # exported under the app's cache folder
     top = engine.search_image(str(tmp_path / "images" / "img001.jpg"), 1).items[0]
     assert top.label == "picture 1" and top.score > 0.99  # an indexed image finds itself
+
+
+def test_the_query_embed_benchmarks_int8_variants_run_and_stay_within_the_check(tiny_vit, tmp_path, monkeypatch):
+    """benchmarks/query_embed.py times static int8 (calibrated on the shipped photos) and the dynamic export in
+    other sessions against the app's backends; each must really be what it says and pass the app's check."""
+    import onnx
+
+    from conftest import ROOT
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from query_embed import static_int8, with_session
+
+    plain = Embedder(str(tiny_vit), device="cpu")
+    want = plain.embed(IMAGES)
+    static = static_int8(Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path), plain)
+    dynamic = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path)
+    one_thread = with_session(dynamic, "onnx-int8-1t", threads=1, spinning=False)
+    assert (static.backend, one_thread.backend) == ("onnx-int8-static", "onnx-int8-1t")
+    graph = onnx.load(static._onnx.path).graph
+    dequantised = {out for n in graph.node if n.op_type == "DequantizeLinear" for out in n.output}
+    matmuls = [set(n.input) <= dequantised for n in graph.node if n.op_type == "MatMul"]
+    assert (len(matmuls), sum(matmuls)) == (2 * 8, 2 * 6)  # per layer q, k, v, o, fc1, fc2 int8; attention's 2 float
+    for fast in (static, one_thread):
+        assert fast._onnx.cosine >= 0.99
+        got = fast.embed(IMAGES)
+        assert cosines(got.cls, want.cls).min() >= 0.99 and cosines(got.patches, want.patches).min() >= 0.99
+        assert np.abs(got.patches - want.patches).max() > 1e-4  # an int8 session really ran
+    np.testing.assert_allclose(one_thread.embed(IMAGES).cls, dynamic.embed(IMAGES).cls, atol=1e-5)  # same file
