@@ -10,7 +10,7 @@ trip (client to client, with uploads and the queue). With `--baseline REV` the a
 (a git worktree) runs beside it with the same settings, calls alternate between the two, and the
 ratio of their round trips is printed: these machines are too noisy to compare runs made apart.
 
-    python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb]
+    python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--endpoints /search_image,...]
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def report(clients: dict, clip: Path, args) -> None:
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
           f"{torch.get_num_threads()} threads; ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
-    for endpoint in ENDPOINTS:
+    for endpoint in args.endpoints.split(","):
         apps = {name: client for name, client in clients.items() if endpoint in served(client)}
         runs = args.clip_runs if endpoint.endswith("video") else args.runs
         times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, runs)
@@ -134,7 +134,10 @@ def main() -> int:
     p.add_argument("--clip-runs", type=int, default=5, help="calls of /what_dino_sees_video (each several seconds)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
+    p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated, of: " + ", ".join(ENDPOINTS))
     args = p.parse_args()
+    if unknown := set(args.endpoints.split(",")) - set(ENDPOINTS):
+        p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
     from gradio_client import Client
 
     processes = []

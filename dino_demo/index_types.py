@@ -35,6 +35,9 @@ PATCH_DIMS_PER_BYTE = 12  # PQ code bytes of a patch vector: one per 12 dims (32
 EF_CONSTRUCTION = 160  # FAISS's default (40) built a 1M graph with far lower recall (RESULTS.md, Scale)
 TRAIN_MAX = 200_000  # enough for 4096 lists x ~40 points; more only slows training
 ALL_PATCHES_MAX_IMAGES = 20_000  # beyond, `--patches auto` stores 2x2-pooled patches
+# Lists a patch query probes, at most: at 1M images (16M patch vectors, 16384 lists) 128 kept region
+# recall@10 at 0.988 in 18 ms where nlist/32 (512) took 62 ms (RESULTS.md, "Region search at 1M").
+NPROBE_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ def choose_spec(count: int, dim: int, kind: str, index_type: str = "auto") -> In
         return IndexSpec("HNSW32,SQ8", f"efSearch={128 if count <= 200_000 else 256}")
     nlist = _nlist(count)
     # Patch hits only vote for candidates that are then re-ranked (search.py), so a few lists
-    # suffice, and each hit is re-scored from its 8-bit codes once (k_factor_rf=1).
-    nprobe = min(nlist, max(8, nlist // 32))
+    # suffice, and each hit is re-scored from its 8-bit codes once (k_factor_rf=1). Scanning the
+    # probed lists is most of a region search, so nprobe stops growing at NPROBE_MAX.
+    nprobe = min(nlist, max(8, min(nlist // 32, NPROBE_MAX)))
     m = _bytes_per_code(dim, PATCH_DIMS_PER_BYTE)
     bits = 8 if count >= 256 * 39 else 4  # a small forced-compressed set cannot train 256 centroids
     params = f"nprobe={nprobe},quantizer_efSearch={2 * nprobe},k_factor_rf=1"

@@ -14,7 +14,8 @@ def test_small_collections_get_exact_search_and_large_ones_a_graph_or_ivf_pq():
     assert choose_spec(FLAT_MAX["patch"], 384, "patch").factory == "Flat"
     big = choose_spec(16_000_000, 384, "patch")
     assert big.factory == "IVF16384_HNSW32,PQ32x8,Refine(SQ8)"
-    assert big.search_params == "nprobe=512,quantizer_efSearch=1024,k_factor_rf=1"
+    assert big.search_params == "nprobe=128,quantizer_efSearch=256,k_factor_rf=1"  # at most NPROBE_MAX lists
+    assert choose_spec(1_960_000, 384, "patch").search_params.startswith("nprobe=128,")  # 10k images: nlist 4096 / 32
 
 
 def test_the_override_forces_either_type_but_a_tiny_set_stays_exact():
