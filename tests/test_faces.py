@@ -1,4 +1,5 @@
 """Tests for dino_demo.faces: real MediaPipe on a real portrait and generated images, fakes elsewhere."""
+import os
 import sys
 import threading
 import time
@@ -284,3 +285,35 @@ def test_the_app_gate_with_two_workers_decides_as_the_one_worker_gate(gate, port
         assert two.check(portrait).has_face  # works again after close
     finally:
         two.close()
+
+
+def test_silences_in_two_threads_at_once_give_the_process_its_output_back():
+    """MediaPipe's start-up lines are silenced by pointing fds 1 and 2 at /dev/null; the app's face-gate
+    workers start their detectors at the same moment, and overlapping silences once left the whole
+    process writing to /dev/null."""
+    from dino_demo.quiet import silenced_output
+
+    def where(fd):
+        st = os.fstat(fd)
+        return st.st_dev, st.st_ino
+
+    before = [where(1), where(2)]
+    inside, second_inside = threading.Event(), threading.Event()
+
+    def first():
+        with silenced_output():
+            inside.set()
+            second_inside.wait(0.5)  # the second silence begins meanwhile, if it may
+
+    def second():
+        inside.wait(5)
+        with silenced_output():
+            second_inside.set()
+            time.sleep(0.2)  # and ends last
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert [where(1), where(2)] == before
