@@ -57,6 +57,7 @@ class ResultItem:
     size: tuple[int, int]  # the indexed image's original (width, height)
     picture: Image.Image
     box: Box | None = None  # matching region in the indexed image's original pixels
+    jpeg: bytes | None = None  # the stored thumbnail's own bytes, when `picture` is it with nothing drawn
 
     @property
     def caption(self) -> str:
@@ -374,7 +375,8 @@ class Engine:
             picture = draw.draw_heatmap(picture, hit.heat)
         if hit.box is not None:
             picture = draw.draw_box(picture, hit.box, original_size=size)
-        return ResultItem(hit.id, hit.score, row.get("label"), size, picture, hit.box)
+        unchanged = hit.heat is None and hit.box is None and row.get("thumbnail")
+        return ResultItem(hit.id, hit.score, row.get("label"), size, picture, hit.box, row["thumbnail"] if unchanged else None)
 
 
 def _thumbnail(row: dict) -> Image.Image:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 from conftest import make_image, write_imagefolder
 
 from dino_demo.engine import Engine
@@ -64,6 +65,9 @@ def test_an_indexed_image_finds_itself_first(engine, indexed):
     assert [i.score for i in results.items] == sorted((i.score for i in results.items), reverse=True)
     assert json.loads(json.dumps(results.to_json()))["results"][0]["label"] == "picture 5"
     assert {"load", "embed", "search", "draw", "total"} <= set(results.timings)
+    for item in results.items:  # nothing drawn: the stored thumbnail's own bytes go with its picture
+        stored = engine.index.row(item.id)["thumbnail"]
+        assert item.jpeg == stored and item.picture.size == Image.open(io.BytesIO(stored)).size
 
 
 def test_search_similar_uses_the_stored_vector_without_embedding(engine):
@@ -83,6 +87,7 @@ def test_region_result_box_lies_inside_the_hit_image(engine, indexed):
         x0, y0, x1, y1 = item.box
         assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
         assert item.picture.size == engine.result_image(item.id).size
+        assert item.jpeg is None  # a box is drawn on it: the picture, not the stored bytes
 
 
 def test_match_finds_mutual_pairs_and_draws_them(engine):

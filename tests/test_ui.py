@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import gradio as gr
+from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
 
 from dino_demo.backbones import short_name
@@ -18,7 +19,7 @@ from dino_demo.config import BUNDLED_COLLECTION, Settings
 from dino_demo.engine import MatchResult, ResultItem, SearchResults
 from dino_demo.errors import UserError
 from dino_demo.matching import MATCH_LINES, Matches
-from dino_demo.ui import EXAMPLE_PAIRS, EXAMPLE_QUERIES, EXAMPLE_REGIONS, Handlers, build_ui, uploaded_file
+from dino_demo.ui import EXAMPLE_PAIRS, EXAMPLE_QUERIES, EXAMPLE_REGIONS, Handlers, build_ui, gallery_of, uploaded_file
 
 FILE_META = {"_type": "gradio.FileData"}
 PUBLIC = {"search_image", "search_region", "match_patches", "co_segment", "what_dino_sees", "what_dino_sees_video"}
@@ -125,6 +126,17 @@ def test_search_image_passes_the_uploaded_path_and_an_int_k_and_returns_gallery_
     assert all(isinstance(picture, Image.Image) for picture, _ in gallery)
     assert result_json == search_results([4, 7]).to_json()
     assert ids == [4, 7]
+
+
+def test_a_thumbnail_shown_as_stored_goes_out_as_its_own_jpeg_file_and_a_drawn_one_as_a_picture():
+    stored = io.BytesIO()
+    tile("green").save(stored, "JPEG")
+    plain = ResultItem(3, 0.9, "plain", (80, 60), Image.open(io.BytesIO(stored.getvalue())), None, stored.getvalue())
+    boxed = ResultItem(4, 0.8, "boxed", (80, 60), tile("red"), (1, 1, 5, 5))
+    (path, caption), (picture, _) = gallery_of(SearchResults([plain, boxed], (640, 480)))
+    assert Path(path).read_bytes() == stored.getvalue() and path.endswith(".jpg")  # the bytes as stored
+    assert Path(path).is_relative_to(gr_utils.get_upload_folder())  # in Gradio's cache: served, cleaned with it
+    assert caption == "plain · 0.900" and picture is boxed.picture
 
 
 def test_webcam_data_url_reaches_the_engine_as_bytes(engine):
