@@ -4,6 +4,8 @@ import io
 import os
 import re
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -40,3 +42,19 @@ def test_readme_client_example_runs_against_the_app(app_server, monkeypatch):
     assert "marigold flower', 1.0)" in lines[0]  # the image finds itself first
     assert "ladybird" in lines[1]
     assert re.match(r"\d+ matches, mean similarity 0\.\d+ \{'a': \[", lines[2])
+
+
+def test_readme_plain_http_example_runs_against_the_app(app_server, monkeypatch):
+    url, _ = app_server
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"<!-- http-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert 'base_url="http://127.0.0.1:7860/"' in code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
+    assert "marigold flower', 1.0)" in out.getvalue()  # the same answer as through gradio_client
+    # A refusal comes back as the error event the example raises with the app's message.
+    refused = code.replace("assets/collection/mate-red-marigold.jpg", str(ROOT / "README.md"))
+    with pytest.raises(RuntimeError, match="This file is not an image Pillow can read"):
+        exec(compile(refused.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
