@@ -109,7 +109,7 @@ def calibration_pixels(embedder) -> np.ndarray:
     from dino_demo.model import prepare_image
 
     arrays = [prepare_image(load_image(p), embedder.input_size) for p in sorted(BUNDLED_COLLECTION.glob("*.jpg"))]
-    return embedder._to_input(np.stack(arrays)).numpy()
+    return embedder._to_array(np.stack(arrays))
 
 
 def quantize_static_int8(src: Path, dst: Path, pixels: np.ndarray) -> None:

@@ -192,7 +192,7 @@ def run_one(count: int, patches: str, index_type: str, args, work: Path) -> None
     out = work / f"{count}-{patches}-{index_type}-{args.structure}{'-direct' if args.direct_patches else ''}"
     reused = args.keep and (out / "manifest.json").is_file()
     build_s = 0.0 if reused else build(out, data, count, patches, index_type)
-    disk = Counter({})
+    disk = Counter()
     for f in out.rglob("*"):  # the index files, in each segment's folder
         if f.is_file():
             disk[f.name] += f.stat().st_size

@@ -35,9 +35,7 @@ def draw_box(
         box = Box(*box).scaled(original_size, image.size)
     x0, y0, x1, y1 = (float(v) for v in box)
     w = max(1, width)
-    out = image.convert("RGB")
-    if out is image:
-        out = image.copy()
+    out = image.convert("RGB")  # a copy, even of an RGB image
     # A 1-pixel dark rim on both sides keeps yellow visible on pale photos.
     for grow, shrink, paint in ((1, w + 1, EDGE_COLOUR), (0, w, colour)):
         ring = _coverage(image.size, (x0 - grow, y0 - grow, x1 + grow, y1 + grow)) - \

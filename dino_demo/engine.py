@@ -375,8 +375,8 @@ class Engine:
             picture = draw.draw_heatmap(picture, hit.heat)
         if hit.box is not None:
             picture = draw.draw_box(picture, hit.box, original_size=size)
-        unchanged = hit.heat is None and hit.box is None and row.get("thumbnail")
-        return ResultItem(hit.id, hit.score, row.get("label"), size, picture, hit.box, row["thumbnail"] if unchanged else None)
+        jpeg = (row.get("thumbnail") or None) if hit.heat is None and hit.box is None else None  # nothing drawn on it
+        return ResultItem(hit.id, hit.score, row.get("label"), size, picture, hit.box, jpeg)
 
 
 def _thumbnail(row: dict) -> Image.Image:

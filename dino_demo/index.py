@@ -182,7 +182,7 @@ class Index:
     def rows(self, image_ids) -> list[dict]:
         """`row` of each image, in order; each parquet row group of thumbnails is read once for all of them."""
         located = [self._locate(i) for i in image_ids]
-        groups: dict[tuple[int, int], list] = {}  # (segment, row group) -> its thumbnails, read on first need
+        groups: dict[tuple[int, int], pa.ChunkedArray] = {}  # (segment, row group) -> its thumbnails, read on first need
         rows = []
         for segment, local in located:
             row = {name: segment.meta.column(name)[local].as_py() for name in segment.meta.column_names}
