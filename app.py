@@ -70,6 +70,8 @@ def start_line(engine, settings: Settings, url: str, share_url: str | None) -> s
     from dino_demo.backbones import short_name
 
     model = f"{short_name(engine.embedder.model_id)} on {engine.embedder.device} ({engine.embedder.backend})"
+    if (match := engine.match_embedder).input_size != engine.embedder.input_size:
+        model += f", {engine.embedder.input_size} px for search and {match.input_size} px for matching"
     public = f"; public link {share_url}" if share_url else "; --share makes a public gradio.live link"
     return (f"DINO image search at {url} · {engine.index.count} images · {model} · "
             f"face gate {'on' if settings.face_gate else 'off'}{public}")

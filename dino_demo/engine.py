@@ -181,8 +181,12 @@ class Engine:
     """An embedder, an index and a face gate, and the only methods that turn inputs into results."""
 
     def __init__(self, embedder: Embedder, index: Index | LiveIndex, gate: FaceGate | NoFaceGate,
-                 max_pixels: int, max_bytes: int, max_k: int = 50, clip_limits: ClipLimits = ClipLimits()):
+                 max_pixels: int, max_bytes: int, max_k: int = 50, clip_limits: ClipLimits = ClipLimits(),
+                 match_embedder: Embedder | None = None):
         self.embedder, self.gate = embedder, gate
+        # Matching and co-segmentation search no index, so they may see a larger input than the index's
+        # (finer patches); searches always embed at the index's own input size.
+        self.match_embedder = match_embedder or embedder
         self.live = index if isinstance(index, LiveIndex) else LiveIndex.fixed(index)
         self.max_pixels, self.max_bytes, self.max_k = max_pixels, max_bytes, max_k
         self.clip_limits = clip_limits
@@ -202,7 +206,8 @@ class Engine:
             gate = FaceGate(workers=min(len(ALL_TURNS), os.cpu_count() or 1)) if settings.face_gate else NoFaceGate()
         limits = ClipLimits(settings.video_seconds, settings.video_frames, settings.video_pixels,
                             settings.max_upload_bytes, settings.video_fps)
-        return cls(embedder, index, gate, settings.max_pixels, settings.max_upload_bytes, settings.max_k, limits)
+        return cls(embedder, index, gate, settings.max_pixels, settings.max_upload_bytes, settings.max_k, limits,
+                   embedder.at_input_size(settings.match_input_size))
 
     def load(self, source: ImageSource) -> Image.Image:
         """The input as an RGB image, refused if it breaks the limits or shows a face (FaceRefused)."""
@@ -296,7 +301,7 @@ class Engine:
             box = None if box is None else fit_box(box, image_a.size)
         report(0.4, "Embedding")
         with timer.step("embed"):
-            features = self.embedder.embed([image_a, image_b])
+            features = self.match_embedder.embed([image_a, image_b])
         return image_a, image_b, box, features
 
     def what_dino_sees(self, source: ImageSource, share: float = DEFAULT_SHARE,

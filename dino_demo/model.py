@@ -175,11 +175,8 @@ class Embedder:
             log.warning("%s has %.1f billion weights: about %.0f GB of memory in float32 (%.0f GB in bfloat16 on a GPU).",
                         model_id, weights / 1e9, weights * 4 / 1e9, weights * 2 / 1e9)
         self.patch_size: int = int(config.patch_size)
-        self.input_size: int = int(input_size or _processor_size(processor) or config.image_size)
-        if self.input_size % self.patch_size:
-            raise UserError(
-                f"Input size {self.input_size} is not a multiple of the patch size {self.patch_size}."
-            )
+        self.input_size: int = _check_input_size(int(input_size or _processor_size(processor) or config.image_size),
+                                                 self.patch_size)
         self.dim: int = int(config.hidden_size)
         side = self.input_size // self.patch_size
         self.grid: tuple[int, int] = (side, side)
@@ -196,9 +193,9 @@ class Embedder:
         self._interpolate = dict(family.forward)  # e.g. DINO's interpolate_pos_encoding; rotary needs none
         self._lock = threading.Lock()  # one forward at a time; attend() switches the last layer's kernel
         self._last_layer = LastLayerKernel(self.model)
-        order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
+        self._backend_order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
         self._onnx_dir = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
-        self._onnx: OnnxModel | None = self._load_onnx(order, self._onnx_dir)
+        self._onnx: OnnxModel | None = self._load_onnx(self._backend_order, self._onnx_dir)
         self.backend: str = self._onnx.backend if self._onnx else "torch"
         self._onnx_attention: OnnxModel | None = None  # made on the first attend(): most apps never need it
         self._attention_tried = False
@@ -225,6 +222,21 @@ class Embedder:
         except UserError as e:
             raise type(e)(f"The index was built with {built['id']}, which cannot be loaded here ({e}) "
                           "Pass --model with a copy of it (a hub id or a local folder).") from None
+
+    def at_input_size(self, input_size: int | None) -> "Embedder":
+        """This backbone, its weights shared, fed `input_size` pixels a side (None or the same: itself). A larger
+        input gives a finer patch grid: 448 has 4x the patches of 224. On a CPU the ONNX backend exports once
+        more for the new size (and checks that export against torch, as at load)."""
+        if input_size is None or int(input_size) == self.input_size:
+            return self
+        _check_input_size(int(input_size), self.patch_size)
+        other = copy.copy(self)
+        other.input_size = int(input_size)
+        other.grid = (other.input_size // self.patch_size,) * 2
+        other._onnx = other._load_onnx(self._backend_order, self._onnx_dir)
+        other.backend = other._onnx.backend if other._onnx else "torch"
+        other._onnx_attention, other._attention_tried = None, False
+        return other
 
     @property
     def patches_per_image(self) -> int:
@@ -348,6 +360,12 @@ class LastLayerKernel:
             yield
         finally:
             self.config._attn_implementation = "sdpa"
+
+
+def _check_input_size(input_size: int, patch_size: int) -> int:
+    if input_size <= 0 or input_size % patch_size:
+        raise UserError(f"Input size {input_size} is not a multiple of the patch size {patch_size}.")
+    return input_size
 
 
 def _processor_size(settings: dict) -> int | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -73,6 +73,20 @@ def test_an_index_is_served_with_the_model_and_input_size_it_was_built_with(dino
     engine = open_engine(Settings(index=str(out), device="cpu", cache_dir=tmp_path, face_gate=False))
     assert engine.embedder.model_id == str(tiny_dinov2) and engine.embedder.input_size == 112
     assert engine.search_image(str(folder / "img002.jpg"), 1).items[0].label == "picture 2"
+
+
+def test_matching_may_see_a_larger_input_than_the_index_and_a_bad_size_is_one_line(dinov2_index, tmp_path):
+    from dino_demo.errors import UserError
+
+    assert load_settings(["--match-input-size", "448"], {}).match_input_size == 448
+    assert load_settings([], {"DINO_MATCH_INPUT_SIZE": "224"}).match_input_size == 224
+    out, _ = dinov2_index
+    settings = Settings(index=str(out), device="cpu", cache_dir=tmp_path, face_gate=False, backend="torch")
+    engine = open_engine(replace(settings, match_input_size=224))
+    assert engine.embedder.input_size == 112 and engine.match_embedder.grid == (16, 16)
+    assert engine.match_embedder.model is engine.embedder.model
+    with pytest.raises(UserError, match="^Input size 100 is not a multiple of the patch size 14.$"):
+        open_engine(replace(settings, match_input_size=100))
 
 
 def test_a_hub_index_is_served_with_its_own_model_too(dinov2_index, tiny_dinov2, tmp_path, monkeypatch):

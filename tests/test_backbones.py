@@ -55,6 +55,40 @@ def test_inputs_of_other_sizes_give_finer_grids(request, fixture, size):
     assert embedder.describe()["input_size"] == size
 
 
+@pytest.mark.parametrize("fixture", ["tiny_dinov3", "tiny_dinov2", "tiny_vit"])
+def test_the_same_weights_at_another_input_size_give_what_a_model_loaded_at_it_gives(request, fixture):
+    """Matching's own input size (Engine.match_embedder): the backbone is not loaded twice, and the features
+    at the new size are those of the model loaded at that size; the original keeps its own."""
+    folder = str(request.getfixturevalue(fixture))
+    base = Embedder(folder, device="cpu", backend="torch")
+    size = 2 * base.input_size
+    big = base.at_input_size(size)
+    assert big.model is base.model and base.at_input_size(None) is base and base.at_input_size(base.input_size) is base
+    side = size // base.patch_size
+    assert big.grid == (side, side) and base.grid == (side // 2, side // 2) and big.describe()["input_size"] == size
+    image = make_image(2, (130, 90))
+    loaded = Embedder(folder, device="cpu", backend="torch", input_size=size).embed([image])
+    got = big.embed([image])
+    np.testing.assert_allclose(got.patches, loaded.patches, atol=1e-5)
+    np.testing.assert_allclose(got.cls, loaded.cls, atol=1e-5)
+    assert base.embed([image]).patches.shape[1] == (side // 2) ** 2
+    assert big.attend([image]).attention.shape[-2:] == (side, side)
+    with pytest.raises(UserError, match=f"not a multiple of the patch size {base.patch_size}"):
+        base.at_input_size(size + 1)
+
+
+def test_another_input_size_on_onnx_runtime_gets_its_own_checked_export(tiny_vit, tmp_path):
+    base = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path)
+    big = base.at_input_size(128)
+    assert big.backend == "onnx" and big._onnx is not base._onnx
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "onnx").glob("*.onnx")) == ["128", "64"]
+    image = make_image(4, (100, 70))
+    exact = Embedder(str(tiny_vit), device="cpu", backend="torch", input_size=128).embed([image])
+    got = big.embed([image])
+    assert got.patches.shape == exact.patches.shape == (1, 64, exact.patches.shape[-1])
+    assert (np.einsum("npd,npd->np", got.patches, exact.patches) >= 0.99).all()
+
+
 def test_dinov3_loads_without_torchvision_and_runs_through_onnx_runtime_like_torch(tiny_dinov3, tmp_path):
     with pytest.raises(ImportError):
         import torchvision  # noqa: F401  (the pinned set leaves it out; its processor class needs it)

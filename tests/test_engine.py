@@ -233,3 +233,28 @@ def test_co_segment_colours_both_images_side_by_side(engine):
     assert len(out["images"]) == 2 and {"embed", "colours", "draw"} <= set(out["timings_ms"])
     # an image with itself: every patch's best match is itself
     assert out["images"][0]["mean_best_similarity"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_matching_runs_at_its_own_input_size_while_searches_keep_the_indexs(indexed):
+    """--match-input-size: the same weights see a larger input for matching and co-segmentation (finer
+    patches, boxes exact on the finer grid); a search still embeds at the index's size, or it could not
+    compare its patches with the stored ones."""
+    from dino_demo.config import Settings
+    from dino_demo.geometry import patch_centres
+
+    folder, embedder, index = indexed
+    engine = Engine.from_settings(Settings(match_input_size=128), embedder, index, FaceGate(detector=no_faces))
+    assert engine.embedder is embedder and engine.match_embedder.input_size == 128
+    assert engine.match_embedder.model is embedder.model
+    a = make_image(1, (96, 72))
+    result = engine.match(a, a.copy(), box=(0, 0, 48, 36))  # the top-left quarter of A, on an 8 x 8 grid
+    assert len(result.matches) == 16  # 4 x 4 finer cells under the box, each its own best buddy
+    centres = patch_centres((96, 72), (8, 8))
+    assert {tuple(p) for p in result.matches.points_a} == {tuple(c) for c in centres if c[0] < 48 and c[1] < 36}
+    parts = engine.co_segment(a, a.copy()).parts
+    assert parts.colours[0].shape[:2] == (8, 8)
+    hits = engine.search_region(str(folder / "img003.jpg"), (0, 0, 60, 60), k=1)
+    assert hits.items[0].label == "picture 3"
+    same = Engine.from_settings(Settings(), embedder, index, FaceGate(detector=no_faces))
+    assert same.match_embedder is embedder
+    assert len(same.match(a, a.copy(), box=(0, 0, 48, 36)).matches) == 4  # 2 x 2 cells of the 4 x 4 grid
