@@ -9,12 +9,17 @@ p95 in ms of: load (decode + face gate), embed, search, draw, total (inside the 
 trip (client to client, with uploads and the queue). With `--baseline REV` the app of commit REV
 (a git worktree) runs beside it with the same settings, calls alternate between the two, and the
 ratio of their round trips is printed: these machines are too noisy to compare runs made apart.
+With `--shared-tls` the clients get one TLS context to reuse (`Client(url, ssl_verify=ssl_context)`):
+by default gradio_client builds a new one for each request it sends, ≈ 20 ms of CPU each, three per
+call, even over plain http://.
 
-    python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--endpoints /search_image,...]
+    python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--shared-tls]
+                                 [--endpoints /search_image,...]
 """
 from __future__ import annotations
 
 import argparse
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -110,7 +115,9 @@ def report(clients: dict, clip: Path, args) -> None:
     from gradio_client import handle_file
 
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
-          f"{torch.get_num_threads()} threads; ms as p50 / p95")
+          f"{torch.get_num_threads()} threads, gradio_client with "
+          f"{'one TLS context it reuses' if args.shared_tls else 'a new TLS context for each request (its default)'}; "
+          "ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
     for endpoint in args.endpoints.split(","):
         apps = {name: client for name, client in clients.items() if endpoint in served(client)}
@@ -135,6 +142,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated, of: " + ", ".join(ENDPOINTS))
+    p.add_argument("--shared-tls", action="store_true", help="give each client one TLS context to reuse")
     args = p.parse_args()
     if unknown := set(args.endpoints.split(",")) - set(ENDPOINTS):
         p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
@@ -145,7 +153,8 @@ def main() -> int:
         try:
             urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device,
                               args.baseline, processes)
-            clients = {name: Client(url, verbose=False, download_files=False) for name, url in urls.items()}
+            tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
+            clients = {name: Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
             report(clients, write_clip(Path(tmp) / "clip.mp4"), args)
         finally:
             for process in processes:  # the apps stop with the benchmark, even one cut short

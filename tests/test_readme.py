@@ -58,3 +58,15 @@ def test_readme_plain_http_example_runs_against_the_app(app_server, monkeypatch)
     refused = code.replace("assets/collection/mate-red-marigold.jpg", str(ROOT / "README.md"))
     with pytest.raises(RuntimeError, match="This file is not an image Pillow can read"):
         exec(compile(refused.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
+
+
+def test_readme_client_with_one_tls_context_runs_against_the_app(app_server, monkeypatch):
+    url, _ = app_server
+    monkeypatch.chdir(ROOT)
+    text = (ROOT / "README.md").read_text()
+    (code,) = re.findall(r"<!-- tls-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert 'Client("http://127.0.0.1:7860/", ssl_verify=ssl.create_default_context())' in code
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
+    assert "marigold flower', 1.0)" in out.getvalue()  # the same answer as with the client's defaults
