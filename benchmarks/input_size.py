@@ -1,9 +1,10 @@
 """What a larger model input costs and buys in each mode: the figures behind the input-size defaults.
 
     python benchmarks/input_size.py [--arch vits16,dinov2-small,dinov3-small] [--sizes 224,448] [--calls 10]
+                                    [--backends auto,torch]
 
-Cost: ms for the model work of one request of each mode, on the CPU with the app's own backend (ONNX
-Runtime int8 when it passes its check): an image or region search embeds one query, a patch match
+Cost: ms for the model work of one request of each mode, on the CPU with each backend (auto: the app's
+own, ONNX Runtime int8 when it passes its check; torch: eager float32): an image or region search embeds one query, a patch match
 (or co-segmentation) embeds two images and matches their patches; building an index embeds every image
 (images/s at batch 16) and stores grid-many patch vectors per image. Random weights in each model's
 real shape, so the times are the real ones; quality needs the trained weights and is not measured here.
@@ -63,12 +64,12 @@ def timed(call, calls: int) -> float:
     return float(np.median(times))
 
 
-def measure(folder: Path, size: int, cache: Path, calls: int) -> dict:
+def measure(folder: Path, size: int, backend: str, cache: Path, calls: int) -> dict:
     from dino_demo.draw import draw_matches
     from dino_demo.matching import match_patches
     from dino_demo.model import Embedder
 
-    embedder = Embedder(str(folder), device="cpu", backend="auto", cache_dir=cache, input_size=size, batch_size=16)
+    embedder = Embedder(str(folder), device="cpu", backend=backend, cache_dir=cache, input_size=size, batch_size=16)
     a, b = photo_like(1, PHOTO), photo_like(2, PHOTO)
     batch = [photo_like(10 + i, PHOTO) for i in range(16)]
 
@@ -87,6 +88,7 @@ def main() -> int:
     p.add_argument("--arch", default="vits16,dinov2-small,dinov3-small", help=", ".join(SAVERS))
     p.add_argument("--sizes", default="224,448")
     p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--backends", default="auto,torch", help="auto (the app's: ONNX int8 on a CPU), torch, onnx, onnx-int8")
     args = p.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; ms p50 of {args.calls} calls")
@@ -95,8 +97,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch.split(","):
             folder = SAVERS[arch](Path(tmp) / arch)
-            for size in sizes:
-                m = measure(folder, size, Path(tmp) / "cache", args.calls)
+            for size, backend in ((size, backend) for size in sizes for backend in args.backends.split(",")):
+                m = measure(folder, size, backend, Path(tmp) / "cache", args.calls)
                 fit = " / ".join(f"{box_fit(m['grid'], s):.2f}" for s in BOX_SIDES)
                 print(f"{arch:<14}{size:>6}{'x'.join(map(str, m['grid'])):>8}{m['backend']:>11}{m['query']:>10.1f}"
                       f"{m['match']:>10.1f}{m['build']:>13.1f}{m['patch_bytes'] / 1024:>12.0f}   {fit}", flush=True)

@@ -57,7 +57,7 @@ class Settings:
                                      "DINO_INPUT_SIZE", shown="the index's; the model's own for the bundled collection")
     match_input_size: int | None = setting(
         None, "model input side for patch matching and co-segmentation, which use no index: 448 gives 4x the "
-        "patches of 224 and takes 4-5x as long", "DINO_MATCH_INPUT_SIZE", shown="the index's")
+        "patches of 224 and takes 5-6x as long", "DINO_MATCH_INPUT_SIZE", shown="the index's")
     max_upload_bytes: int = setting(DEFAULT_MAX_BYTES, "largest accepted upload in bytes", "DINO_MAX_UPLOAD_BYTES",
                                     shown="25 MiB")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (width × height)",
