@@ -107,6 +107,7 @@ class MatchResult:
                  for pa, pb, s in zip(top.points_a, top.points_b, top.scores)]
         return {"count": len(self.matches), "mean_score": round(self.matches.mean_score, 4),
                 "box": None if self.matches.box is None else [round(v, 1) for v in self.matches.box],
+                "grid": None if self.matches.grid is None else list(self.matches.grid),
                 "pairs": pairs, "timings_ms": _rounded_ms(self.timings)}
 
 

@@ -21,6 +21,7 @@ class Matches:
     points_a: np.ndarray  # (m, 2) patch centres (x, y) in A's original pixels
     points_b: np.ndarray  # (m, 2) patch centres (x, y) in B's original pixels
     box: Box | None  # the box on A that restricted the matches, if any
+    grid: tuple[int, int] | None = None  # (rows, cols) of both images' patch grid: the input size's
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -32,7 +33,7 @@ class Matches:
     def top(self, n: int) -> "Matches":
         """The n strongest matches."""
         n = max(0, int(n))
-        return Matches(self.a[:n], self.b[:n], self.scores[:n], self.points_a[:n], self.points_b[:n], self.box)
+        return Matches(self.a[:n], self.b[:n], self.scores[:n], self.points_a[:n], self.points_b[:n], self.box, self.grid)
 
 
 def match_patches(a: Features, b: Features, box=None) -> Matches:
@@ -52,4 +53,5 @@ def match_patches(a: Features, b: Features, box=None) -> Matches:
     scores = sims[mutual, a_to_b[mutual]]
     order = np.argsort(-scores, kind="stable")
     ia, ib = chosen[mutual[order]], a_to_b[mutual[order]]
-    return Matches(ia, ib, scores[order], patch_centres(size_a, a.grid)[ia], patch_centres(size_b, b.grid)[ib], box)
+    return Matches(ia, ib, scores[order], patch_centres(size_a, a.grid)[ia], patch_centres(size_b, b.grid)[ib], box,
+                   tuple(a.grid))

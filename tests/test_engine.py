@@ -251,10 +251,12 @@ def test_matching_runs_at_its_own_input_size_while_searches_keep_the_indexs(inde
     assert len(result.matches) == 16  # 4 x 4 finer cells under the box, each its own best buddy
     centres = patch_centres((96, 72), (8, 8))
     assert {tuple(p) for p in result.matches.points_a} == {tuple(c) for c in centres if c[0] < 48 and c[1] < 36}
+    assert result.to_json()["grid"] == [8, 8]  # a client learns the patch grid the pairs come from
     parts = engine.co_segment(a, a.copy()).parts
     assert parts.colours[0].shape[:2] == (8, 8)
     hits = engine.search_region(str(folder / "img003.jpg"), (0, 0, 60, 60), k=1)
     assert hits.items[0].label == "picture 3"
     same = Engine.from_settings(Settings(), embedder, index, FaceGate(detector=no_faces))
     assert same.match_embedder is embedder
-    assert len(same.match(a, a.copy(), box=(0, 0, 48, 36)).matches) == 4  # 2 x 2 cells of the 4 x 4 grid
+    coarse = same.match(a, a.copy(), box=(0, 0, 48, 36))
+    assert len(coarse.matches) == 4 and coarse.to_json()["grid"] == [4, 4]  # 2 x 2 cells of the 4 x 4 grid
