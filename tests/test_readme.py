@@ -44,29 +44,34 @@ def test_readme_client_example_runs_against_the_app(app_server, monkeypatch):
     assert re.match(r"\d+ matches, mean similarity 0\.\d+ \{'a': \[", lines[2])
 
 
-def test_readme_plain_http_example_runs_against_the_app(app_server, monkeypatch):
-    url, _ = app_server
-    monkeypatch.chdir(ROOT)
-    text = (ROOT / "README.md").read_text()
-    (code,) = re.findall(r"<!-- http-example.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert 'base_url="http://127.0.0.1:7860/"' in code
+def readme_block(marker: str) -> str:
+    """The one python block of the README after `<!-- marker ... -->`."""
+    (code,) = re.findall(rf"<!-- {marker}.*?-->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return code
+
+
+def printed(code: str, url: str) -> str:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
-    assert "marigold flower', 1.0)" in out.getvalue()  # the same answer as through gradio_client
+    return out.getvalue()
+
+
+def test_readme_plain_http_example_runs_against_the_app(app_server, monkeypatch):
+    url, _ = app_server
+    monkeypatch.chdir(ROOT)
+    code = readme_block("http-example")
+    assert 'base_url="http://127.0.0.1:7860/"' in code
+    assert "marigold flower', 1.0)" in printed(code, url)  # the same answer as through gradio_client
     # A refusal comes back as the error event the example raises with the app's message.
     refused = code.replace("assets/collection/mate-red-marigold.jpg", str(ROOT / "README.md"))
     with pytest.raises(RuntimeError, match="This file is not an image Pillow can read"):
-        exec(compile(refused.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
+        printed(refused, url)
 
 
 def test_readme_client_with_one_tls_context_runs_against_the_app(app_server, monkeypatch):
     url, _ = app_server
     monkeypatch.chdir(ROOT)
-    text = (ROOT / "README.md").read_text()
-    (code,) = re.findall(r"<!-- tls-example.*?-->\s*```python\n(.*?)```", text, re.S)
+    code = readme_block("tls-example")
     assert 'Client("http://127.0.0.1:7860/", ssl_verify=ssl.create_default_context())' in code
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), {})
-    assert "marigold flower', 1.0)" in out.getvalue()  # the same answer as with the client's defaults
+    assert "marigold flower', 1.0)" in printed(code, url)  # the same answer as with the client's defaults
