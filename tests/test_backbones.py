@@ -185,3 +185,21 @@ def test_the_caption_of_attention_maps_says_whether_to_expect_artefacts():
     assert describe_registers("dinov2_with_registers", 4).endswith("4 registers, so the attention stays on the objects")
     assert describe_registers("dinov3_vit", 4).startswith("DINOv3: 4 registers")
     assert describe_registers("vit", 0) == "DINO"  # DINO's small ViTs show no such artefacts
+
+
+def test_a_model_of_billions_of_weights_warns_of_its_memory_before_it_is_used(tiny_dinov3, monkeypatch, caplog):
+    """The ViT-7B (6.7 billion weights) gets one warning with the memory it needs; the tiny model stands in,
+    the threshold lowered below its size."""
+    import logging
+
+    weights = sum(p.numel() for p in Embedder(str(tiny_dinov3), device="cpu", backend="torch").model.parameters())
+    monkeypatch.setattr(model_module, "LARGE_PARAMETERS", weights - 1)
+    with caplog.at_level(logging.WARNING, logger=model_module.log.name):
+        Embedder(str(tiny_dinov3), device="cpu", backend="torch")
+    (record,) = [r for r in caplog.records if "billion weights" in r.getMessage()]
+    assert f"{weights / 1e9:.1f} billion weights: about" in record.getMessage() and "GB of memory in float32" in record.getMessage()
+    caplog.clear()
+    monkeypatch.setattr(model_module, "LARGE_PARAMETERS", weights)
+    with caplog.at_level(logging.WARNING, logger=model_module.log.name):
+        Embedder(str(tiny_dinov3), device="cpu", backend="torch")
+    assert not [r for r in caplog.records if "billion weights" in r.getMessage()]
