@@ -217,7 +217,8 @@ class CoSegmentation:
 
     def to_json(self) -> dict:
         return {"images": [{"mask": mask_json(agree, size), "mean_best_similarity": round(float(sim.mean()), 4)}
-                           for agree, sim, size in zip(self.agree, self.similarity, self.sizes)]}
+                           for agree, sim, size in zip(self.agree, self.similarity, self.sizes)],
+                "grid": list(self.agree[0].shape)}  # the patch grid the parts were found on
 
 
 def co_segment(a: Features, b: Features) -> CoSegmentation:

@@ -253,7 +253,7 @@ def test_matching_runs_at_its_own_input_size_while_searches_keep_the_indexs(inde
     assert {tuple(p) for p in result.matches.points_a} == {tuple(c) for c in centres if c[0] < 48 and c[1] < 36}
     assert result.to_json()["grid"] == [8, 8]  # a client learns the patch grid the pairs come from
     parts = engine.co_segment(a, a.copy()).parts
-    assert parts.colours[0].shape[:2] == (8, 8)
+    assert parts.colours[0].shape[:2] == (8, 8) and parts.to_json()["grid"] == [8, 8]
     hits = engine.search_region(str(folder / "img003.jpg"), (0, 0, 60, 60), k=1)
     assert hits.items[0].label == "picture 3"
     same = Engine.from_settings(Settings(), embedder, index, FaceGate(detector=no_faces))
