@@ -164,7 +164,7 @@ def with_session(embedder, name: str, path: Path | None = None, threads: int | N
     cosine = onnx_backend._worst_cosine(embedder.model, session, onnx_backend._check_inputs(embedder.input_size),
                                         embedder._interpolate)
     fast = copy.copy(embedder)
-    fast._onnx, fast.backend = onnx_backend.OnnxModel(session, name, path, cosine), name
+    fast._onnx = onnx_backend.OnnxModel(session, name, path, cosine)  # its backend is `name`
     return fast
 
 

@@ -178,8 +178,6 @@ class Embedder:
         self.input_size: int = _check_input_size(int(input_size or _processor_size(processor) or config.image_size),
                                                  self.patch_size)
         self.dim: int = int(config.hidden_size)
-        side = self.input_size // self.patch_size
-        self.grid: tuple[int, int] = (side, side)
         self.num_prefix_tokens = prefix_tokens(config)
         self.model_type = config.model_type
         self.batch_size = batch_size
@@ -196,7 +194,6 @@ class Embedder:
         self._backend_order = backend_order(backend, self.device) if self.dtype == torch.float32 else []
         self._onnx_dir = Path(cache_dir or DEFAULT_CACHE_DIR) / "onnx"
         self._onnx: OnnxModel | None = self._load_onnx(self._backend_order, self._onnx_dir)
-        self.backend: str = self._onnx.backend if self._onnx else "torch"
         self._onnx_attention: OnnxModel | None = None  # made on the first attend(): most apps never need it
         self._attention_tried = False
 
@@ -229,14 +226,22 @@ class Embedder:
         more for the new size (and checks that export against torch, as at load)."""
         if input_size is None or int(input_size) == self.input_size:
             return self
-        _check_input_size(int(input_size), self.patch_size)
         other = copy.copy(self)
-        other.input_size = int(input_size)
-        other.grid = (other.input_size // self.patch_size,) * 2
+        other.input_size = _check_input_size(int(input_size), self.patch_size)
         other._onnx = other._load_onnx(self._backend_order, self._onnx_dir)
-        other.backend = other._onnx.backend if other._onnx else "torch"
         other._onnx_attention, other._attention_tried = None, False
         return other
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of the patch grid: the input side over the patch side."""
+        side = self.input_size // self.patch_size
+        return side, side
+
+    @property
+    def backend(self) -> str:
+        """What runs the network: the ONNX backend that loaded, else torch."""
+        return self._onnx.backend if self._onnx else "torch"
 
     @property
     def patches_per_image(self) -> int:
