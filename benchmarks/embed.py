@@ -27,22 +27,6 @@ from PIL import Image  # noqa: E402
 from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
 
-
-def save_model(folder: Path, layers: int) -> Path:
-    """ViT-S/16 (vits16.py), or the same with fewer layers: the same decode and gate work around a lighter model."""
-    if layers == 12:
-        return save_vits16(folder)
-    from transformers import ViTConfig, ViTImageProcessor, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=384, num_hidden_layers=layers, num_attention_heads=6, intermediate_size=1536,
-                       image_size=224, patch_size=16)
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
-                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
-
-
 def write_jpegs(folder: Path, count: int) -> Path:
     """`count` 640x480 photo-like JPEGs (smooth noise), about the size of a dataset image."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,7 +136,7 @@ def main() -> None:
     p.add_argument("--gate-photos", type=int, default=32, help="photos for the face gate's time per photo")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_model(Path(tmp) / "vits16", args.layers)
+        model_dir = save_vits16(Path(tmp) / "vits16", args.layers)
         images = write_jpegs(Path(tmp) / "images", args.images)
         print(f"# {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, ViT-S/16 with {args.layers} layers")

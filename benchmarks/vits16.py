@@ -5,12 +5,13 @@ Same compute as facebook/dino-vits16 at 224 px (384 dims, 12 layers, 6 heads, 19
 from pathlib import Path
 
 
-def save_vits16(folder: Path) -> Path:
+def save_vits16(folder: Path, layers: int = 12) -> Path:
+    """The model saved to `folder`; fewer `layers` keep the shape of each and the work around the model."""
     import torch
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     torch.manual_seed(0)
-    config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+    config = ViTConfig(hidden_size=384, num_hidden_layers=layers, num_attention_heads=6,
                        intermediate_size=1536, image_size=224, patch_size=16)
     ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
     ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.485, 0.456, 0.406],
