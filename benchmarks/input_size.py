@@ -20,13 +20,12 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-from query_embed import photo_like, save_dinov2_small, save_dinov3_small  # noqa: E402
+from query_embed import photo_like, save_dinov2_small, save_dinov3_small, time_calls  # noqa: E402
 from vits16 import save_vits16  # noqa: E402
 
 SAVERS = {"vits16": save_vits16, "dinov2-small": save_dinov2_small, "dinov3-small": save_dinov3_small}
@@ -55,13 +54,9 @@ def box_fit(grid: tuple[int, int], share: float, boxes: int = 2000, seed: int = 
 
 
 def timed(call, calls: int) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - started) * 1000)
-    return float(np.median(times))
+    """ms p50 of `calls` calls, after one to warm up."""
+    call()
+    return float(np.median(time_calls(call, calls)))
 
 
 def measure(folder: Path, size: int, backend: str, cache: Path, calls: int) -> dict:
