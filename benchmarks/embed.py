@@ -67,11 +67,12 @@ def time_decode(folder: Path, workers: int, gate=None, batch: int = 64) -> float
 
 def time_gpu_decode(folder: Path, device: str, batch: int = 256) -> float | None:
     """nvJPEG through dino_demo.images.load_image_tensors, images/s; None without torchvision and CUDA."""
-    from dino_demo.images import load_image_tensors, nvjpeg_decoder
+    from dino_demo.images import load_image_tensors, nvjpeg
 
-    decoder = nvjpeg_decoder(device)
-    if decoder is None:
+    codec = nvjpeg(device)
+    if codec is None:
         return None
+    decoder = codec.decode
     files = [f.read_bytes() for f in sorted(folder.glob("*.jpg"))]
     load_image_tensors(files[:8], device, jpeg_decoder=decoder)  # warm-up: nvJPEG's handles
     torch.cuda.synchronize()

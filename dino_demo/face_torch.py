@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .faces import ALL_TURNS, FaceCheck, FaceGate, Found, ViewRequest, face_check, find_faces, gate_view
+from .faces import ALL_TURNS, MAX_SIDE, FaceCheck, FaceGate, Found, ViewRequest, face_check, find_faces, gate_view
 from .geometry import Box
+from .images import resize_picture, thumbnail_size
 
 BACKENDS = ("auto", "mediapipe", "torch")
 NMS_IOU = 0.3  # NonMaxSuppressionCalculator: min_suppression_threshold, IoU, WEIGHTED
@@ -78,11 +79,15 @@ class Uploaded:
     sizes: list[tuple[int, int]]  # (w, h) of each
 
 
-def upload(pictures: list[np.ndarray], device: str) -> Uploaded:
-    """(h, w, 3) uint8 pictures -> one tensor on the device: one copy for the whole batch."""
-    flat = np.concatenate([p.reshape(-1, 3) for p in pictures]) if pictures else np.zeros((0, 3), np.uint8)
+def upload(pictures: list[np.ndarray | torch.Tensor], device: str) -> Uploaded:
+    """(h, w, 3) uint8 pictures (arrays, or tensors already on the device) -> one tensor on the device; the
+    arrays are joined first and copied in one go."""
     starts = np.cumsum([0] + [p.shape[0] * p.shape[1] for p in pictures])[:-1].tolist()
-    return Uploaded(torch.from_numpy(flat).to(device), starts, [(p.shape[1], p.shape[0]) for p in pictures])
+    sizes = [(p.shape[1], p.shape[0]) for p in pictures]
+    if all(isinstance(p, np.ndarray) for p in pictures):
+        flat = np.concatenate([p.reshape(-1, 3) for p in pictures]) if pictures else np.zeros((0, 3), np.uint8)
+        return Uploaded(torch.from_numpy(flat).to(device), starts, sizes)
+    return Uploaded(torch.cat([torch.as_tensor(p).reshape(-1, 3).to(device) for p in pictures]), starts, sizes)
 
 
 @dataclass(frozen=True)
@@ -261,24 +266,32 @@ class TorchFaceGate(FaceGate):
     def check(self, image: Image.Image) -> FaceCheck:
         return self.check_many([image])[0]
 
-    def check_many(self, images: list[Image.Image]) -> list[FaceCheck]:
-        works = [gate_view(image) for image in images]
+    def check_many(self, images: list[Image.Image | torch.Tensor]) -> list[FaceCheck]:
+        """Each image (PIL, or a (3, H, W) uint8 tensor, which is checked where it lies) checked in one batch."""
+        works = [np.asarray(gate_view(im)) if isinstance(im, Image.Image) else tensor_gate_view(im) for im in images]
+        sizes = [im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1]) for im in images]
         checks = [FaceCheck(False, [], [])] * len(images)
         with self._lock:
             if self._detector is None:
                 self._detector = TorchFaceDetector(self.device)
-            pictures = upload([np.asarray(w) for w in works], self.device)
+            pictures = upload(works, self.device)
             pending = list(range(len(images)))
             for turn in self.turns:  # the next turn only for images still without a face, as FaceGate does
-                sizes = [_turned(works[i].size, turn) for i in pending]
-                found = find_faces(partial(self._run, pictures, pending, turn), sizes)
+                found = find_faces(partial(self._run, pictures, pending, turn),
+                                   [_turned(pictures.sizes[i], turn) for i in pending])
                 for i, faces in zip(pending, found):
-                    checks[i] = face_check(faces, turn, works[i].size, images[i].size, self.min_confidence)
+                    checks[i] = face_check(faces, turn, pictures.sizes[i], sizes[i], self.min_confidence)
                 pending = [i for i in pending if not checks[i].has_face]
         return checks
 
     def _run(self, pictures: Uploaded, pending: list[int], turn: int, requests) -> list[Found]:
         return self._detector.run(pictures, [View(pending[k], turn, request) for k, request in requests])
+
+
+def tensor_gate_view(picture: torch.Tensor) -> torch.Tensor:
+    """`faces.gate_view` of a (3, H, W) uint8 tensor, where it lies: (h, w, 3), shrunk to MAX_SIDE if larger."""
+    w, h = picture.shape[2], picture.shape[1]
+    return resize_picture(picture, thumbnail_size((w, h), MAX_SIDE), "bilinear").permute(1, 2, 0)
 
 
 def _turned(size: tuple[int, int], turn: int) -> tuple[int, int]:

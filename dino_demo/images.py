@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch only where tensors are asked for: the app's upload pa
 DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 5,700 photo; larger is refused before decoding
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 THUMB_SIDE = 256  # longer side of the thumbnails an index stores; result pictures are drawn at this size
+THUMB_QUALITY = 80  # their JPEG quality
 
 ImageSource = Union[bytes, bytearray, str, Path, np.ndarray, Image.Image, dict]
 
@@ -140,15 +141,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def content_hash(image: Image.Image) -> str:
-    """A hash of the decoded pixels: the same picture in another file or format (same pixels) hashes
-    the same, so an exact copy is not indexed twice."""
-    digest = hashlib.blake2b(f"{image.mode} {image.width}x{image.height}".encode(), digest_size=16)
-    digest.update(image.tobytes())
+def content_hash(image: Image.Image | np.ndarray) -> str:
+    """A hash of the decoded pixels (an RGB image, or its (h, w, 3) uint8 array): the same picture in
+    another file or format (same pixels) hashes the same, so an exact copy is not indexed twice."""
+    if isinstance(image, np.ndarray):
+        mode, (h, w), data = "RGB", image.shape[:2], np.ascontiguousarray(image, np.uint8).tobytes()
+    else:
+        mode, (w, h), data = image.mode, image.size, image.tobytes()
+    digest = hashlib.blake2b(f"{mode} {w}x{h}".encode(), digest_size=16)
+    digest.update(data)
     return digest.hexdigest()
 
 
-def make_thumbnail(image: Image.Image, max_side: int, quality: int = 80) -> bytes:
+# The JPEG segments that do not change the decoded pixels: APP1-APP13 and APP15 (EXIF, XMP, ICC, Photoshop)
+# and comments. APP0 (JFIF) and APP14 (Adobe: colour transform) can, and are kept.
+_JPEG_METADATA = {*range(0xE1, 0xEE), 0xEF, 0xFE}
+
+
+def jpeg_data_hash(data: bytes) -> str:
+    """A hash of a JPEG's image data: its tables, frame and entropy-coded scans, not its metadata. Found
+    without decoding, so a JPEG hashes the same whichever decoder reads it (PIL, nvJPEG); the same photo
+    with other EXIF or comments hashes the same. A file whose markers do not parse is hashed whole."""
+    digest = hashlib.blake2b(b"jpeg ", digest_size=16)
+    at = 2  # after SOI
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker, length = data[at + 1], int.from_bytes(data[at + 2:at + 4], "big")
+        if marker == 0xDA:  # start of scan: from here on image data to the end
+            digest.update(data[at:])
+            return digest.hexdigest()
+        if marker not in _JPEG_METADATA:
+            digest.update(data[at:at + 2 + length])
+        at += 2 + length
+    return hashlib.blake2b(b"jpeg file " + data, digest_size=16).hexdigest()
+
+
+def make_thumbnail(image: Image.Image, max_side: int, quality: int = THUMB_QUALITY) -> bytes:
     """JPEG bytes of the image shrunk so its longer side is at most `max_side`."""
     thumb = image.copy()
     thumb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
@@ -160,37 +187,69 @@ def make_thumbnail(image: Image.Image, max_side: int, quality: int = 80) -> byte
 JpegDecoder = Callable[[list[bytes]], list["torch.Tensor"]]  # JPEG files -> (3, H, W) uint8 RGB each
 
 
-def nvjpeg_decoder(device: str) -> JpegDecoder | None:
-    """torchvision's nvJPEG batch decode on a CUDA `device`; None without torchvision or CUDA (then every
+class Nvjpeg:
+    """torchvision's nvJPEG on a CUDA device: JPEG files decoded, and pictures encoded, a batch at a time."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def decode(self, files: list[bytes]) -> list[torch.Tensor]:
+        import torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+
+    def encode(self, pictures: list[torch.Tensor], quality: int) -> list[bytes]:
+        from torchvision.io import encode_jpeg
+
+        return [bytes(out.cpu().numpy()) for out in encode_jpeg(pictures, quality=quality)]
+
+
+def nvjpeg(device: str) -> Nvjpeg | None:
+    """nvJPEG on a CUDA `device`; None without CUDA or without a torchvision that runs there (then every
     image takes the CPU path)."""
     if not device.startswith("cuda"):
         return None
     try:
         import torch
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:
+        import torchvision.io  # noqa: F401  (a CPU build of torch fails to load a CUDA torchvision: RuntimeError)
+    except (ImportError, RuntimeError, OSError):
         return None
-    if not torch.cuda.is_available():
-        return None
+    return Nvjpeg(device) if torch.cuda.is_available() else None
 
-    def decode(files: list[bytes]) -> list[torch.Tensor]:
-        data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
-    return decode
+def resize_picture(picture: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """A (3, H, W) uint8 picture resized to `size` (w, h) where it lies, antialiased as PIL resizes."""
+    import torch
+
+    if (picture.shape[2], picture.shape[1]) == tuple(size):
+        return picture
+    x = torch.nn.functional.interpolate(picture[None].float(), size=(size[1], size[0]), mode=mode, antialias=True)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def thumbnail_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """(w, h) shrunk to fit `max_side` with its aspect kept; never enlarged."""
+    w, h = size
+    scale = max_side / max(w, h)
+    return (w, h) if scale >= 1 else (max(1, round(w * scale)), max(1, round(h * scale)))
 
 
 def load_image_tensors(sources: list[ImageSource], device: str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS,
-                       max_bytes: int = DEFAULT_MAX_BYTES, jpeg_decoder: JpegDecoder | None = None
-                       ) -> list[torch.Tensor | ImageError]:
+                       max_bytes: int = DEFAULT_MAX_BYTES, jpeg_decoder: JpegDecoder | None = None,
+                       plain: list[bytes | None] | None = None) -> list[torch.Tensor | ImageError]:
     """Each source as a (3, H, W) uint8 RGB tensor on `device`, or the ImageError saying why not.
 
     Plain upright RGB or grey JPEGs go to `jpeg_decoder` together (nvJPEG on a GPU: the CPU never decodes
     them); every other file, and any the decoder fails on, takes `load_image`'s path (EXIF turns, modes,
-    limits, clear errors) and is then copied to the device."""
+    limits, clear errors) and is then copied to the device. `plain`: each source's `plain_jpeg`, when the
+    caller has it already."""
     import torch
 
-    files = [_gpu_jpeg(source, max_pixels, max_bytes) if jpeg_decoder else None for source in sources]
+    if plain is None:
+        plain = [plain_jpeg(source, max_pixels, max_bytes) if jpeg_decoder else None for source in sources]
+    files = plain if jpeg_decoder else [None] * len(sources)
     out: list = [None] * len(sources)
     batch = [i for i, f in enumerate(files) if f is not None]
     try:
@@ -208,9 +267,10 @@ def load_image_tensors(sources: list[ImageSource], device: str = "cpu", max_pixe
     return out
 
 
-def _gpu_jpeg(source: ImageSource, max_pixels: int, max_bytes: int) -> bytes | None:
-    """The file's bytes if nvJPEG gives what load_image would: a JPEG within the limits, RGB or grey, with
-    no EXIF turn to apply. None sends it the CPU way (which also words any error)."""
+def plain_jpeg(source: ImageSource, max_pixels: int = DEFAULT_MAX_PIXELS, max_bytes: int = DEFAULT_MAX_BYTES
+               ) -> bytes | None:
+    """The file's bytes if any JPEG decoder gives what load_image would: a JPEG within the limits, RGB or
+    grey, with no EXIF turn to apply. None sends it load_image's way (which also words any error)."""
     if isinstance(source, dict):
         source = source.get("bytes") or source.get("path")
     if isinstance(source, (str, Path)):

@@ -74,6 +74,15 @@ class Chunk:
     skipped: Counter
 
 
+def unfinished_run(out_dir: Path) -> dict | None:
+    """The build_info of the unfinished run in `out_dir` that a Writer there resumes, if there is one."""
+    info_path = Path(out_dir) / BUILD_DIR / "build.json"
+    if not info_path.exists():
+        return None
+    info = json.loads(info_path.read_text())
+    return None if _stale(Path(out_dir), info) else info
+
+
 class Writer:
     """Collects a run's batches as resumable chunks, then writes them as a segment of the folder."""
 
@@ -84,11 +93,11 @@ class Writer:
         self.work = self.out / BUILD_DIR
         self.work.mkdir(parents=True, exist_ok=True)
         info_path = self.work / "build.json"
-        if info_path.exists() and _stale(self.out, json.loads(info_path.read_text())):
+        previous = unfinished_run(self.out)
+        if previous is None and info_path.exists():
             shutil.rmtree(self.work)  # a change already committed (or made on a state since replaced)
             self.work.mkdir(parents=True)
-        if info_path.exists():
-            previous = json.loads(info_path.read_text())
+        if previous is not None:
             if previous != json.loads(json.dumps(build_info)):
                 what = previous.get("action", "build")
                 raise IndexFolderError(

@@ -28,6 +28,7 @@ from .backbones import DEFAULT_MODEL, LARGE_PARAMETERS, family_of, prefix_tokens
 from .config import DEFAULT_CACHE_DIR
 from .errors import UserError, first_line
 from .hub import require_hub
+from .images import resize_picture
 from .onnx_backend import BackendUnavailable, OnnxModel, backend_order, load_onnx_model
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
     Kept free of torch so decoding workers can run it in parallel.
     """
     return np.array(image.resize((input_size, input_size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+def prepare_picture(picture: torch.Tensor, input_size: int) -> np.ndarray:
+    """`prepare_image` of a (3, H, W) uint8 tensor, resized where it lies (a GPU), then copied to memory."""
+    return resize_picture(picture, (input_size, input_size)).permute(1, 2, 0).cpu().numpy()
 
 
 def pick_device(device: str = "auto") -> str:

@@ -70,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
     from .source import open_source
 
     distributor = None
+    if args.ray and args.decode == "gpu":
+        raise UserError("With --ray the cluster's CPU workers decode the images (nvJPEG is for a build on this "
+                        "machine's GPU): leave out --decode gpu.")
     if args.ray:  # the cluster's actors embed; the model here only describes the index
         distributor, where, device = connect_ray(args.ray)
         args.out = str(Path(args.out).absolute())  # the same folder from every worker (a shared file system)

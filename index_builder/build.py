@@ -17,19 +17,26 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
+from PIL import Image
 
 from dino_demo.config import setting
-from dino_demo.face_torch import BACKENDS as FACE_GATE_BACKENDS, gate_factory, gate_needs_spawn
+from dino_demo.errors import UserError
+from dino_demo.face_torch import BACKENDS as FACE_GATE_BACKENDS, TorchFaceGate, gate_factory, gate_needs_spawn
 from dino_demo.faces import UPRIGHT, FaceGate
-from dino_demo.images import DEFAULT_MAX_PIXELS, THUMB_SIDE, ImageError, content_hash, load_image, make_thumbnail
+from dino_demo.images import (DEFAULT_MAX_PIXELS, THUMB_QUALITY, THUMB_SIDE, ImageError, Nvjpeg, content_hash,
+                               jpeg_data_hash, load_image, load_image_tensors, make_thumbnail, nvjpeg, plain_jpeg,
+                               resize_picture, thumbnail_size)
 from dino_demo.index import MANIFEST, IndexFolderError, load_index, read_manifest
 from dino_demo.index_types import INDEX_TYPES, choose_layout
-from dino_demo.index_writer import Chunk, Writer, chunk_hashes, hold_lock, now, write_tombstones
-from dino_demo.model import Embedder, Features, prepare_image
+from dino_demo.index_writer import Chunk, Writer, chunk_hashes, hold_lock, now, unfinished_run, write_tombstones
+from dino_demo.model import Embedder, Features, prepare_image, prepare_picture
 
 from .source import Row, Source
 
+DECODERS = ("auto", "cpu", "gpu")
 GateFactory = Callable[[], FaceGate]  # makes a face gate in each decoding process; must pickle (a class does)
+CodecFactory = Callable[[], "Nvjpeg | None"]  # makes the JPEG codec of a decoding process (GPU decoding)
+JPEG_DATA = "jpeg-data"  # an index's "content_hash": plain JPEGs hashed by their image data, the rest by pixels
 
 
 def default_workers() -> int:
@@ -59,6 +66,27 @@ class BuildOptions:
                            "(the N most CLS-like, 16 by default), or auto: all up to 20,000 images, else pooled")
     index_type: str = setting("auto", "auto: exact search for small collections, HNSW (images) and IVF-PQ "
                               "(patches) beyond (README, Scale); or force one", choices=INDEX_TYPES)
+    decode: str = setting("auto", "where JPEGs are decoded: gpu (nvJPEG; needs torchvision built for the GPU's "
+                          "torch) or cpu (Pillow); auto: the model's GPU when it can, else cpu", choices=DECODERS)
+
+
+def jpeg_codec(decode: str, device: str, hashes: str | None) -> CodecFactory | None:
+    """What a build's decoding processes decode plain JPEGs with: nvJPEG on the model's GPU (`decode` gpu, or
+    auto where it can), else None (Pillow). A wrong `decode` gpu is refused in one line."""
+    if decode == "cpu" or (decode == "auto" and not device.startswith("cuda")):
+        return None
+    if hashes != JPEG_DATA:
+        if decode == "gpu":
+            raise UserError("This index hashes its images by Pillow's pixels (it was built before JPEGs were hashed "
+                            "by their data), which a GPU decoder does not reproduce: add to it with --decode cpu, "
+                            "or build it anew into another folder.")
+        return None
+    if nvjpeg(device) is None:
+        if decode == "gpu":
+            raise UserError(f"--decode gpu needs the model on a CUDA GPU (it is on {device}) and torchvision "
+                            "built for that torch (pip install torchvision==0.28.0); or pass --decode cpu.")
+        return None
+    return partial(nvjpeg, device)
 
 
 def default_batch_size(device: str) -> int:
@@ -116,45 +144,103 @@ class BuildReport:
 @dataclass
 class Decoder:
     """Decode, face-check and resize a batch of rows. Plain data, so each decoding process gets a copy,
-    which makes its own face gate on first use (MediaPipe graphs cannot be shared or pickled)."""
+    which makes its own face gate and JPEG codec on first use (MediaPipe graphs cannot be shared or pickled).
+
+    With a `codec` (nvJPEG), plain JPEGs are decoded on its device and stay there through the face gate, the
+    resizing and the thumbnails; every other file is decoded by PIL and joins them. Content hashes never
+    depend on the decoder: a plain JPEG is hashed by its image data (`hashes` JPEG_DATA), any other file by
+    PIL's pixels; indexes made before JPEG_DATA (`hashes` None) hash every image by PIL's pixels."""
 
     input_size: int
     thumb_size: int
     max_pixels: int
     gate_factory: GateFactory | None  # None: keep photos of people
+    hashes: str | None = JPEG_DATA
+    codec: CodecFactory | None = None  # None: PIL decodes every image
     _gate: FaceGate | None = field(default=None, init=False, repr=False, compare=False)
+    _codec: object = field(default=None, init=False, repr=False, compare=False)  # made on first use; False: none
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_gate": None}
+        return {**self.__dict__, "_gate": None, "_codec": None}
 
     def __call__(self, rows: list[Row]) -> Decoded:
         out = Decoded(first_row=rows[0].index, last_row=rows[-1].index)
-        loaded = [(row, image) for row in rows if (image := self._load(row, out.skipped)) is not None]
+        loaded = self._load(rows, out.skipped)  # (row, picture: PIL image or tensor, plain JPEG bytes or None)
         if self.gate_factory is not None and loaded:
             self._gate = self._gate or self.gate_factory()
-            checks = self._gate.check_many([image for _, image in loaded])  # a batched gate checks them together
+            pictures = [picture for _, picture, _ in loaded]
+            if not isinstance(self._gate, TorchFaceGate):  # MediaPipe reads PIL images in memory
+                pictures = [_pil(p) for p in pictures]
+            checks = self._gate.check_many(pictures)  # a batched gate checks them together
             if faces := sum(check.has_face for check in checks):
                 out.skipped["face"] += faces
-            loaded = [pair for pair, check in zip(loaded, checks) if not check.has_face]
-        for row, image in loaded:
-            out.pixels.append(prepare_image(image, self.input_size))
+            loaded = [item for item, check in zip(loaded, checks) if not check.has_face]
+        thumbnails = self._thumbnails([picture for _, picture, _ in loaded])
+        for (row, picture, jpeg), thumbnail in zip(loaded, thumbnails):
+            on_device = not isinstance(picture, Image.Image)
+            width, height = (picture.shape[2], picture.shape[1]) if on_device else picture.size
+            out.pixels.append(prepare_picture(picture, self.input_size) if on_device
+                              else prepare_image(picture, self.input_size))
             out.meta.append({
-                "source_row": row.index, "width": image.width, "height": image.height, "label": row.label,
-                "thumbnail": make_thumbnail(image, self.thumb_size) if self.thumb_size else None,
-                "hash": content_hash(image),
+                "source_row": row.index, "width": width, "height": height, "label": row.label,
+                "thumbnail": thumbnail,
+                "hash": jpeg_data_hash(jpeg) if jpeg is not None else content_hash(_array(picture) if on_device else picture),
             })
         return out
 
-    def _load(self, row: Row, skipped: Counter):
-        """The row's image, or None with the reason counted."""
-        if row.image is None:
-            skipped["missing image"] += 1
-            return None
-        try:
-            return load_image(row.image, max_pixels=self.max_pixels)
-        except ImageError as e:
-            skipped[e.reason] += 1
-            return None
+    def _load(self, rows: list[Row], skipped: Counter) -> list[tuple]:
+        """The rows' images, in order, each with its bytes if it is a plain JPEG that JPEG_DATA hashes by
+        them; what cannot be read is counted in `skipped` by reason. The codec decodes only under JPEG_DATA:
+        the older hashes are of PIL's pixels, which nvJPEG does not reproduce to the bit."""
+        sources = [row.image for row in rows]
+        by_data = self.hashes == JPEG_DATA
+        plain = [plain_jpeg(source, self.max_pixels) if by_data else None for source in sources]
+        codec = self._jpeg_codec() if by_data else None
+        if codec is not None:
+            pictures = load_image_tensors(sources, codec.device, self.max_pixels, jpeg_decoder=codec.decode, plain=plain)
+        else:
+            pictures = [_loaded(source, self.max_pixels) for source in sources]
+        loaded = []
+        for row, picture, jpeg in zip(rows, pictures, plain):
+            if isinstance(picture, ImageError):
+                skipped[picture.reason] += 1
+            else:
+                loaded.append((row, picture, jpeg))
+        return loaded
+
+    def _jpeg_codec(self):
+        if self._codec is None:
+            self._codec = (self.codec() if self.codec is not None else None) or False
+        return self._codec or None
+
+    def _thumbnails(self, pictures: list) -> list[bytes | None]:
+        """JPEG thumbnails: PIL's for PIL images, the codec's (nvJPEG) for those on its device."""
+        if not self.thumb_size:
+            return [None] * len(pictures)
+        thumbs = [make_thumbnail(p, self.thumb_size) if isinstance(p, Image.Image) else None for p in pictures]
+        on_device = [i for i, p in enumerate(pictures) if not isinstance(p, Image.Image)]
+        if on_device:
+            small = [resize_picture(pictures[i], thumbnail_size((pictures[i].shape[2], pictures[i].shape[1]),
+                                                                self.thumb_size)) for i in on_device]
+            for i, data in zip(on_device, self._jpeg_codec().encode(small, THUMB_QUALITY)):
+                thumbs[i] = data
+        return thumbs
+
+
+def _loaded(source, max_pixels: int) -> Image.Image | ImageError:
+    try:
+        return load_image(source, max_pixels=max_pixels)
+    except ImageError as e:
+        return e
+
+
+def _array(picture) -> np.ndarray:
+    """(h, w, 3) uint8 pixels of a (3, H, W) tensor, in memory."""
+    return picture.permute(1, 2, 0).cpu().numpy()
+
+
+def _pil(picture) -> Image.Image:
+    return picture if isinstance(picture, Image.Image) else Image.fromarray(_array(picture))
 
 
 def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
@@ -186,9 +272,10 @@ def _decoded(batches: Iterator[list[Row]], decoder: Decoder, workers: int) -> It
         for batch in batches:
             yield decoder(batch)
         return
-    # fork is cheap and the workers never touch torch; spawn where fork is unsafe (macOS) and for the torch
-    # face gate (after the model ran, torch hangs in a forked process, and CUDA cannot start there).
-    method = "fork" if sys.platform.startswith("linux") and not gate_needs_spawn(decoder.gate_factory) else "spawn"
+    # fork is cheap and the workers never touch torch; spawn where fork is unsafe (macOS), for the torch face
+    # gate and for GPU decoding (after the model ran, torch hangs in a forked process, and CUDA cannot start there).
+    torch_workers = gate_needs_spawn(decoder.gate_factory) or decoder.codec is not None
+    method = "fork" if sys.platform.startswith("linux") and not torch_workers else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _start_worker, (decoder,)) as pool:
         pending: deque = deque()
         for batch in batches:
@@ -291,16 +378,23 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
             "thumb_size": options.thumb_size,
             "index_type": options.index_type,
             "patches": choose_layout(options.patches, source.num_rows, options.limit).describe(),
+            "content_hash": JPEG_DATA,
         }
         keep, blocked = None, set()
         if previous is not None:  # --rebuild: a new index whose removed images stay out
             old = load_index(out)
             build_info["base_generation"] = old.generation
             blocked = set(old.removed_hashes)
+            if blocked:  # they stay out only if hashed alike
+                build_info["content_hash"] = old.manifest.get("content_hash")
             name = write_tombstones(out, old.generation + 1, np.full(len(blocked), -1), sorted(blocked))
             keep = {"removed": name, "removed_count": 0}
+        begun = unfinished_run(out)
+        if begun is not None and "content_hash" not in begun:  # begun before JPEGs were hashed by their data
+            del build_info["content_hash"]
         writer = Writer(out, build_info)
-        run = _embed_rows(source, embedder, writer, options, progress, gate, set(), blocked, distributor)
+        run = _embed_rows(source, embedder, writer, options, progress, gate, set(), blocked, distributor,
+                          build_info.get("content_hash"))
         entry = {"action": "build", "time": now(), "source": 0, "images": writer.stored(),
                  "skipped": dict(writer.skipped())}
         manifest = writer.finalize({"history": [entry]}, options.index_type, keep)
@@ -327,7 +421,7 @@ def add_to_index(source: Source, embedder: Embedder, folder: str, options: Build
                           turned_faces=m.get("turned_faces", False))
         writer = Writer(folder, info, number)
         run = _embed_rows(source, embedder, writer, options, progress, gate, index.hashes(),
-                          set(index.removed_hashes), distributor)
+                          set(index.removed_hashes), distributor, m.get("content_hash"))
         entry = {"action": "add", "time": now(), "source": number, "rows": run.end_row,
                  "images": writer.stored(), "skipped": dict(writer.skipped())}
         added = entry["images"]
@@ -361,16 +455,17 @@ class _Run:
 
 
 def _embed_rows(source: Source, embedder: Embedder, writer: Writer, options: BuildOptions, progress,
-                gate: GateFactory, known: set[str], blocked: set[str], distributor: Distributor | None) -> _Run:
+                gate: GateFactory, known: set[str], blocked: set[str], distributor: Distributor | None,
+                hashes: str | None) -> _Run:
     """Decode, check, embed and write the rows of `source` that no finished chunk covers, then settle the
-    chunks; `known`: hashes already in the index (an add)."""
+    chunks; `known`: hashes already in the index (an add), made as `hashes` says (the index's "content_hash")."""
     started = time.perf_counter()
     if gate is FaceGate:  # the standard gate: MediaPipe, or its models batched in torch on a GPU
         gate = gate_factory(options.face_gate_backend, embedder.device)
     if options.skip_faces and not options.turned_faces:
         gate = partial(gate, turns=UPRIGHT)
     decoder = Decoder(embedder.input_size, options.thumb_size, options.max_pixels,
-                      gate if options.skip_faces else None)
+                      gate if options.skip_faces else None, hashes, jpeg_codec(options.decode, embedder.device, hashes))
     stop = source.num_rows if options.limit is None else min(options.limit, source.num_rows or options.limit)
     ranges = missing_ranges(writer.chunks(), stop)
     done_before = _rows_done(writer)

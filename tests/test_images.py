@@ -175,10 +175,10 @@ def expected_tensor(source):
 def test_without_cuda_and_torchvision_there_is_no_gpu_decoder():
     import torch
 
-    from dino_demo.images import nvjpeg_decoder
+    from dino_demo.images import nvjpeg
 
-    assert nvjpeg_decoder("cpu") is None
-    assert nvjpeg_decoder("cuda") is None or torch.cuda.is_available()
+    assert nvjpeg("cpu") is None
+    assert nvjpeg("cuda") is None or torch.cuda.is_available()
 
 
 def test_plain_jpegs_go_to_the_gpu_decoder_and_every_other_file_the_cpu_way(tmp_path):
