@@ -3,9 +3,10 @@
     python benchmarks/embed.py [--device cpu|cuda] [--images 256] [--workers N] [--face-gate-backend auto]
 
 Figures: model-only images/s per batch size (fp32, and bf16 on GPU); JPEG decode + resize images/s
-with the builder's worker processes (and nvJPEG on a GPU, when torchvision is installed); decode + face
-gate (the builder's gate: MediaPipe, or its models batched in torch); the whole builder (decode -> embed
--> write) with the gate off and on. Each is also given as a share of the model's limit. Last, the face
+with the builder's worker processes; decode + face gate (the builder's gate: MediaPipe, or its models
+batched in torch); on a GPU with torchvision, nvJPEG alone and the builder's decoding with nvJPEG, without
+and with the gate; the whole builder (decode -> embed -> write, `--decode auto` by default) with the gate
+off and on. Each is also given as a share of the model's limit. Last, the face
 gate's time per photo: MediaPipe against the torch detector on the CPU (and on the GPU when there is one).
 `--layers 2` times a 2-layer ViT-S/16 instead, for a quick run on a small CPU.
 """
@@ -52,14 +53,15 @@ def time_model(embedder, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - started)
 
 
-def time_decode(folder: Path, workers: int, gate=None, batch: int = 64) -> float:
-    """The builder's decode stage (decode, face gate when `gate` makes one, resize) in images/s."""
+def time_decode(folder: Path, workers: int, gate=None, batch: int = 64, codec=None) -> float:
+    """The builder's decode stage (decode, face gate when `gate` makes one, resize) in images/s; with a `codec`
+    (index_builder.build.jpeg_codec: nvJPEG) the JPEGs are decoded on the GPU, as `--decode gpu` builds."""
     from dino_demo.images import DEFAULT_MAX_PIXELS
     from index_builder.build import Decoder, _batches, _decoded
     from index_builder.source import open_source
 
     source = open_source(str(folder))
-    decoder = Decoder(224, 0, DEFAULT_MAX_PIXELS, gate)
+    decoder = Decoder(224, 0, DEFAULT_MAX_PIXELS, gate, codec=codec)
     started = time.perf_counter()
     count = sum(len(d.meta) + d.skipped.get("face", 0) for d in _decoded(_batches(source.rows(), batch), decoder, workers))
     return count / (time.perf_counter() - started)
@@ -84,13 +86,13 @@ def time_gpu_decode(folder: Path, device: str, batch: int = 256) -> float | None
 
 
 def time_build(folder: Path, embedder, workers: int, batch: int, skip_faces: bool = False,
-               backend: str = "auto") -> float:
+               backend: str = "auto", decode: str = "auto") -> float:
     from index_builder.build import BuildOptions, build_index
     from index_builder.source import open_source
 
     with tempfile.TemporaryDirectory() as out:
         options = BuildOptions(batch_size=batch, workers=workers, skip_faces=skip_faces, thumb_size=0,
-                               face_gate_backend=backend)
+                               face_gate_backend=backend, decode=decode)
         report = build_index(open_source(str(folder)), embedder, out, options)
     return (report.indexed + report.skipped.get("face", 0)) / report.seconds
 
@@ -125,6 +127,7 @@ def share(rate: float, limit: float) -> str:
 def main() -> None:
     from dino_demo.face_torch import BACKENDS, gate_factory
     from dino_demo.model import Embedder
+    from index_builder.build import DECODERS, JPEG_DATA, jpeg_codec
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto")
@@ -133,6 +136,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="time per model measurement")
     p.add_argument("--batches", default="1,32", help="model batch sizes to time")
     p.add_argument("--face-gate-backend", default="auto", choices=BACKENDS, help="the builder's face gate")
+    p.add_argument("--decode", default="auto", choices=DECODERS, help="where the builds decode JPEGs")
     p.add_argument("--layers", type=int, default=12, help="transformer layers (12: ViT-S/16; fewer for a quick run)")
     p.add_argument("--gate-photos", type=int, default=32, help="photos for the face gate's time per photo")
     args = p.parse_args()
@@ -161,10 +165,16 @@ def main() -> None:
         name = getattr(gate, "func", gate).__name__
         gated = time_decode(images, args.workers, gate, batch)
         print(f"decode+resize+face gate ({name}), {args.workers} workers: {share(gated, limit)}")
-        build = time_build(images, embedder, args.workers, batch)
-        print(f"build, face gate off, batch {batch}:            {share(build, limit)}")
-        build = time_build(images, embedder, args.workers, batch, True, args.face_gate_backend)
-        print(f"build, face gate on ({name}), batch {batch}: {share(build, limit)}")
+        if codec := jpeg_codec("auto", device, JPEG_DATA):  # the builder's own GPU path, workers and all
+            rate = time_decode(images, args.workers, None, batch, codec)
+            print(f"decode+resize, nvJPEG, {args.workers} workers:        {share(rate, limit)}")
+            rate = time_decode(images, args.workers, gate, batch, codec)
+            print(f"decode+resize+face gate ({name}), nvJPEG, {args.workers} workers: {share(rate, limit)}")
+        decode = f"--decode {args.decode}"
+        build = time_build(images, embedder, args.workers, batch, decode=args.decode)
+        print(f"build, face gate off, {decode}, batch {batch}:            {share(build, limit)}")
+        build = time_build(images, embedder, args.workers, batch, True, args.face_gate_backend, args.decode)
+        print(f"build, face gate on ({name}), {decode}, batch {batch}: {share(build, limit)}")
         for gate_name, ms in time_gates(images, args.gate_photos, device).items():
             print(f"face gate {gate_name:16s}: {ms:7.1f} ms per photo (all four turns)")
 

@@ -1,6 +1,6 @@
 """Near-duplicate groups of an index: images whose global (CLS) vectors have cosine >= a threshold.
 
-Exact copies (the same pixels) never reach an index (a content hash refuses them); this finds
+Exact copies (the same JPEG data, or the same pixels) never reach an index (a content hash refuses them); this finds
 modified copies: crops, rescales, JPEG re-encodes, colour changes. Each image's vector searches
 the index for its nearest neighbours; pairs at or above the threshold are joined into groups
 (connected components), so a group can hold a chain whose two ends are less alike than the threshold.

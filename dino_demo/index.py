@@ -34,7 +34,7 @@ META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("source_row", pa.int64()), ("width", pa.int32()),
     ("height", pa.int32()), ("label", pa.string()), ("thumbnail", pa.binary()),
     ("source", pa.int32()),  # which of the manifest's sources the image came from
-    ("hash", pa.string()),  # of the decoded pixels: an exact copy is not added twice
+    ("hash", pa.string()),  # of a JPEG's image data, or the pixels: an exact copy is not added twice
 ])
 V1_NAMES = META_SCHEMA.names[:6]  # format 1: one segment at the top of the folder, no source or hash
 TOMBSTONE_SCHEMA = pa.schema([("id", pa.int64()), ("hash", pa.string())])

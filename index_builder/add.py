@@ -2,7 +2,7 @@
 
 The images are embedded with the index's own model, input size, patch layout and face policy,
 and written as a new segment filled into the index's trained quantisers (no retraining). Images
-already in the index (same pixels) or removed from it are skipped and counted, so rerunning an
+already in the index (an exact copy) or removed from it are skipped and counted, so rerunning an
 add, or adding a folder that has grown, adds only what is new.
 """
 from __future__ import annotations

@@ -404,7 +404,7 @@ def build_index(source: Source, embedder: Embedder, out_dir: str, options: Build
 def add_to_index(source: Source, embedder: Embedder, folder: str, options: BuildOptions, progress=None,
                  gate: GateFactory = FaceGate, distributor: Distributor | None = None) -> BuildReport:
     """Add the rows of `source` to a finished index with its own model, patch layout, face policy and
-    trained quantisers; images already in it (same pixels) or removed from it are skipped and counted."""
+    trained quantisers; images already in it (exact copies) or removed from it are skipped and counted."""
     folder = Path(folder)
     with hold_lock(folder):
         index = load_index(folder, embedder.describe())
