@@ -184,7 +184,8 @@ class Decoder:
             out.meta.append({
                 "source_row": row.index, "width": width, "height": height, "label": row.label,
                 "thumbnail": thumbnail,
-                "hash": jpeg_data_hash(jpeg) if jpeg is not None else content_hash(_array(picture) if on_device else picture),
+                "hash": jpeg_data_hash(jpeg) if jpeg is not None else content_hash(_array(picture) if on_device
+                                                                                  else picture),
             })
         return out
 

@@ -281,3 +281,33 @@ def test_the_command_refuses_decode_gpu_where_it_cannot_in_one_line(tmp_path, ti
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and says in errors[0], done.stderr
     assert not (tmp_path / "idx" / "manifest.json").exists()
+
+
+def test_nvjpeg_calls_torchvision_as_its_gpu_api_asks(monkeypatch):
+    """torchvision cannot load beside a CPU build of torch, so its io module is stood in for: what the codec
+    hands it (uint8 file tensors, RGB mode, the device; pictures and a quality) and makes of its answers."""
+    import types
+
+    import torch
+
+    from dino_demo.images import Nvjpeg
+
+    calls = {}
+
+    def decode_jpeg(data, mode, device):
+        calls["decode"] = ([bytes(d.numpy()) for d in data], mode, device)
+        return [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in data]
+
+    def encode_jpeg(pictures, quality):
+        calls["encode"] = (len(pictures), quality)
+        return [torch.tensor([255, 216, 255, i], dtype=torch.uint8) for i in range(len(pictures))]
+
+    io_module = types.SimpleNamespace(decode_jpeg=decode_jpeg, encode_jpeg=encode_jpeg,
+                                      ImageReadMode=types.SimpleNamespace(RGB="RGB"))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_module))
+    monkeypatch.setitem(sys.modules, "torchvision.io", io_module)
+    codec = Nvjpeg("cuda:1")
+    assert [t.shape for t in codec.decode([b"\xff\xd8one", b"\xff\xd8two"])] == [(3, 2, 2)] * 2
+    assert calls["decode"] == ([b"\xff\xd8one", b"\xff\xd8two"], "RGB", "cuda:1")
+    assert codec.encode([torch.zeros(3, 2, 2, dtype=torch.uint8)] * 2, 80) == [b"\xff\xd8\xff\x00", b"\xff\xd8\xff\x01"]
+    assert calls["encode"] == (2, 80)
