@@ -80,9 +80,11 @@ def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
     return np.array(image.resize((input_size, input_size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
-def prepare_picture(picture: torch.Tensor, input_size: int) -> np.ndarray:
-    """`prepare_image` of a (3, H, W) uint8 tensor, resized where it lies (a GPU), then copied to memory."""
-    return resize_picture(picture, (input_size, input_size)).permute(1, 2, 0).cpu().numpy()
+def prepare_pictures(pictures: list[torch.Tensor], input_size: int) -> np.ndarray:
+    """`prepare_image` of (3, H, W) uint8 tensors, resized where they lie (a GPU), then copied to memory in
+    one go: (n, S, S, 3) uint8."""
+    resized = torch.stack([resize_picture(p, (input_size, input_size)) for p in pictures])
+    return resized.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def pick_device(device: str = "auto") -> str:

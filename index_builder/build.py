@@ -29,7 +29,7 @@ from dino_demo.images import (DEFAULT_MAX_PIXELS, THUMB_QUALITY, THUMB_SIDE, Ima
 from dino_demo.index import MANIFEST, IndexFolderError, load_index, read_manifest
 from dino_demo.index_types import INDEX_TYPES, choose_layout
 from dino_demo.index_writer import Chunk, Writer, chunk_hashes, hold_lock, now, unfinished_run, write_tombstones
-from dino_demo.model import Embedder, Features, prepare_image, prepare_picture
+from dino_demo.model import Embedder, Features, prepare_image, prepare_pictures
 
 from .source import Row, Source
 
@@ -175,12 +175,11 @@ class Decoder:
             if faces := sum(check.has_face for check in checks):
                 out.skipped["face"] += faces
             loaded = [item for item, check in zip(loaded, checks) if not check.has_face]
-        thumbnails = self._thumbnails([picture for _, picture, _ in loaded])
-        for (row, picture, jpeg), thumbnail in zip(loaded, thumbnails):
+        pictures = [picture for _, picture, _ in loaded]
+        out.pixels = self._model_inputs(pictures)
+        for (row, picture, jpeg), thumbnail in zip(loaded, self._thumbnails(pictures)):
             on_device = not isinstance(picture, Image.Image)
             width, height = (picture.shape[2], picture.shape[1]) if on_device else picture.size
-            out.pixels.append(prepare_picture(picture, self.input_size) if on_device
-                              else prepare_image(picture, self.input_size))
             out.meta.append({
                 "source_row": row.index, "width": width, "height": height, "label": row.label,
                 "thumbnail": thumbnail,
@@ -213,6 +212,16 @@ class Decoder:
         if self._codec is None:
             self._codec = (self.codec() if self.codec is not None else None) or False
         return self._codec or None
+
+    def _model_inputs(self, pictures: list) -> list[np.ndarray]:
+        """Each picture resized to the model's input, (S, S, 3) uint8: PIL's on this CPU, the others on their
+        device and copied back together."""
+        inputs = [prepare_image(p, self.input_size) if isinstance(p, Image.Image) else None for p in pictures]
+        on_device = [i for i, p in enumerate(pictures) if not isinstance(p, Image.Image)]
+        if on_device:
+            for i, pixels in zip(on_device, prepare_pictures([pictures[i] for i in on_device], self.input_size)):
+                inputs[i] = pixels
+        return inputs
 
     def _thumbnails(self, pictures: list) -> list[bytes | None]:
         """JPEG thumbnails: PIL's for PIL images, the codec's (nvJPEG) for those on its device."""
