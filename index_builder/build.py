@@ -199,7 +199,8 @@ class Decoder:
         if codec is not None:
             pictures = load_image_tensors(sources, codec.device, self.max_pixels, jpeg_decoder=codec.decode, plain=plain)
         else:
-            pictures = [_loaded(source, self.max_pixels) for source in sources]
+            pictures = [_loaded(source if jpeg is None else jpeg, self.max_pixels)  # a file read once
+                        for source, jpeg in zip(sources, plain)]
         loaded = []
         for row, picture, jpeg in zip(rows, pictures, plain):
             if isinstance(picture, ImageError):
