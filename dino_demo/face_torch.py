@@ -18,7 +18,7 @@ from PIL import Image
 
 from .faces import ALL_TURNS, MAX_SIDE, FaceCheck, FaceGate, Found, ViewRequest, face_check, find_faces, gate_view
 from .geometry import Box
-from .images import resize_picture, thumbnail_size
+from .images import picture_size, resize_picture, thumbnail_size
 
 BACKENDS = ("auto", "mediapipe", "torch")
 NMS_IOU = 0.3  # NonMaxSuppressionCalculator: min_suppression_threshold, IoU, WEIGHTED
@@ -269,7 +269,7 @@ class TorchFaceGate(FaceGate):
     def check_many(self, images: list[Image.Image | torch.Tensor]) -> list[FaceCheck]:
         """Each image (PIL, or a (3, H, W) uint8 tensor, which is checked where it lies) checked in one batch."""
         works = [np.asarray(gate_view(im)) if isinstance(im, Image.Image) else tensor_gate_view(im) for im in images]
-        sizes = [im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1]) for im in images]
+        sizes = [im.size if isinstance(im, Image.Image) else picture_size(im) for im in images]
         checks = [FaceCheck(False, [], [])] * len(images)
         with self._lock:
             if self._detector is None:
@@ -290,8 +290,7 @@ class TorchFaceGate(FaceGate):
 
 def tensor_gate_view(picture: torch.Tensor) -> torch.Tensor:
     """`faces.gate_view` of a (3, H, W) uint8 tensor, where it lies: (h, w, 3), shrunk to MAX_SIDE if larger."""
-    w, h = picture.shape[2], picture.shape[1]
-    return resize_picture(picture, thumbnail_size((w, h), MAX_SIDE), "bilinear").permute(1, 2, 0)
+    return resize_picture(picture, thumbnail_size(picture_size(picture), MAX_SIDE), "bilinear").permute(1, 2, 0)
 
 
 def _turned(size: tuple[int, int], turn: int) -> tuple[int, int]:

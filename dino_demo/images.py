@@ -219,11 +219,16 @@ def nvjpeg(device: str) -> Nvjpeg | None:
     return Nvjpeg(device) if torch.cuda.is_available() else None
 
 
+def picture_size(picture: torch.Tensor) -> tuple[int, int]:
+    """(w, h) of a (3, H, W) picture, as PIL's `size`."""
+    return picture.shape[2], picture.shape[1]
+
+
 def resize_picture(picture: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
     """A (3, H, W) uint8 picture resized to `size` (w, h) where it lies, antialiased as PIL resizes."""
     import torch
 
-    if (picture.shape[2], picture.shape[1]) == tuple(size):
+    if picture_size(picture) == tuple(size):
         return picture
     x = torch.nn.functional.interpolate(picture[None].float(), size=(size[1], size[0]), mode=mode, antialias=True)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)

@@ -24,8 +24,8 @@ from dino_demo.errors import UserError
 from dino_demo.face_torch import BACKENDS as FACE_GATE_BACKENDS, TorchFaceGate, gate_factory, gate_needs_spawn
 from dino_demo.faces import UPRIGHT, FaceGate
 from dino_demo.images import (DEFAULT_MAX_PIXELS, THUMB_QUALITY, THUMB_SIDE, ImageError, Nvjpeg, content_hash,
-                               jpeg_data_hash, load_image, load_image_tensors, make_thumbnail, nvjpeg, plain_jpeg,
-                               resize_picture, thumbnail_size)
+                               jpeg_data_hash, load_image, load_image_tensors, make_thumbnail, nvjpeg, picture_size,
+                               plain_jpeg, resize_picture, thumbnail_size)
 from dino_demo.index import MANIFEST, IndexFolderError, load_index, read_manifest
 from dino_demo.index_types import INDEX_TYPES, choose_layout
 from dino_demo.index_writer import Chunk, Writer, chunk_hashes, hold_lock, now, unfinished_run, write_tombstones
@@ -165,37 +165,36 @@ class Decoder:
 
     def __call__(self, rows: list[Row]) -> Decoded:
         out = Decoded(first_row=rows[0].index, last_row=rows[-1].index)
-        loaded = self._load(rows, out.skipped)  # (row, picture: PIL image or tensor, plain JPEG bytes or None)
+        # The older hashes are of PIL's pixels, which nvJPEG does not reproduce to the bit: PIL decodes for them.
+        codec = self._jpeg_codec() if self.hashes == JPEG_DATA else None
+        loaded = self._load(rows, codec, out.skipped)  # (row, picture, plain JPEG bytes or None)
         if self.gate_factory is not None and loaded:
             self._gate = self._gate or self.gate_factory()
             pictures = [picture for _, picture, _ in loaded]
-            if not isinstance(self._gate, TorchFaceGate):  # MediaPipe reads PIL images in memory
-                pictures = [_pil(p) for p in pictures]
+            if codec is not None and not isinstance(self._gate, TorchFaceGate):  # MediaPipe reads PIL images
+                pictures = [Image.fromarray(_array(p)) for p in pictures]
             checks = self._gate.check_many(pictures)  # a batched gate checks them together
             if faces := sum(check.has_face for check in checks):
                 out.skipped["face"] += faces
             loaded = [item for item, check in zip(loaded, checks) if not check.has_face]
         pictures = [picture for _, picture, _ in loaded]
-        out.pixels = self._model_inputs(pictures)
-        for (row, picture, jpeg), thumbnail in zip(loaded, self._thumbnails(pictures)):
-            on_device = not isinstance(picture, Image.Image)
-            width, height = (picture.shape[2], picture.shape[1]) if on_device else picture.size
+        out.pixels = self._model_inputs(pictures, codec)
+        for (row, picture, jpeg), thumbnail in zip(loaded, self._thumbnails(pictures, codec)):
+            width, height = picture.size if codec is None else picture_size(picture)
             out.meta.append({
                 "source_row": row.index, "width": width, "height": height, "label": row.label,
                 "thumbnail": thumbnail,
-                "hash": jpeg_data_hash(jpeg) if jpeg is not None else content_hash(_array(picture) if on_device
-                                                                                  else picture),
+                "hash": jpeg_data_hash(jpeg) if jpeg is not None else content_hash(picture if codec is None
+                                                                                  else _array(picture)),
             })
         return out
 
-    def _load(self, rows: list[Row], skipped: Counter) -> list[tuple]:
-        """The rows' images, in order, each with its bytes if it is a plain JPEG that JPEG_DATA hashes by
-        them; what cannot be read is counted in `skipped` by reason. The codec decodes only under JPEG_DATA:
-        the older hashes are of PIL's pixels, which nvJPEG does not reproduce to the bit."""
+    def _load(self, rows: list[Row], codec: Nvjpeg | None, skipped: Counter) -> list[tuple]:
+        """The rows' images, in order: PIL images, or with a `codec` (3, H, W) tensors on its device; each with
+        its bytes if it is a plain JPEG that JPEG_DATA hashes by them. What cannot be read is counted in
+        `skipped` by reason."""
         sources = [row.image for row in rows]
-        by_data = self.hashes == JPEG_DATA
-        plain = [plain_jpeg(source, self.max_pixels) if by_data else None for source in sources]
-        codec = self._jpeg_codec() if by_data else None
+        plain = [plain_jpeg(source, self.max_pixels) if self.hashes == JPEG_DATA else None for source in sources]
         if codec is not None:
             pictures = load_image_tensors(sources, codec.device, self.max_pixels, jpeg_decoder=codec.decode, plain=plain)
         else:
@@ -214,28 +213,21 @@ class Decoder:
             self._codec = (self.codec() if self.codec is not None else None) or False
         return self._codec or None
 
-    def _model_inputs(self, pictures: list) -> list[np.ndarray]:
-        """Each picture resized to the model's input, (S, S, 3) uint8: PIL's on this CPU, the others on their
+    def _model_inputs(self, pictures: list, codec: Nvjpeg | None) -> list[np.ndarray]:
+        """Each picture resized to the model's input, (S, S, 3) uint8: PIL images here, tensors on their
         device and copied back together."""
-        inputs = [prepare_image(p, self.input_size) if isinstance(p, Image.Image) else None for p in pictures]
-        on_device = [i for i, p in enumerate(pictures) if not isinstance(p, Image.Image)]
-        if on_device:
-            for i, pixels in zip(on_device, prepare_pictures([pictures[i] for i in on_device], self.input_size)):
-                inputs[i] = pixels
-        return inputs
+        if codec is None or not pictures:
+            return [prepare_image(p, self.input_size) for p in pictures]
+        return list(prepare_pictures(pictures, self.input_size))
 
-    def _thumbnails(self, pictures: list) -> list[bytes | None]:
-        """JPEG thumbnails: PIL's for PIL images, the codec's (nvJPEG) for those on its device."""
+    def _thumbnails(self, pictures: list, codec: Nvjpeg | None) -> list[bytes | None]:
+        """JPEG thumbnails: PIL's of PIL images, the codec's (nvJPEG) of tensors on its device."""
         if not self.thumb_size:
             return [None] * len(pictures)
-        thumbs = [make_thumbnail(p, self.thumb_size) if isinstance(p, Image.Image) else None for p in pictures]
-        on_device = [i for i, p in enumerate(pictures) if not isinstance(p, Image.Image)]
-        if on_device:
-            small = [resize_picture(pictures[i], thumbnail_size((pictures[i].shape[2], pictures[i].shape[1]),
-                                                                self.thumb_size)) for i in on_device]
-            for i, data in zip(on_device, self._jpeg_codec().encode(small, THUMB_QUALITY)):
-                thumbs[i] = data
-        return thumbs
+        if codec is None or not pictures:
+            return [make_thumbnail(p, self.thumb_size) for p in pictures]
+        small = [resize_picture(p, thumbnail_size(picture_size(p), self.thumb_size)) for p in pictures]
+        return codec.encode(small, THUMB_QUALITY)
 
 
 def _loaded(source, max_pixels: int) -> Image.Image | ImageError:
@@ -248,10 +240,6 @@ def _loaded(source, max_pixels: int) -> Image.Image | ImageError:
 def _array(picture) -> np.ndarray:
     """(h, w, 3) uint8 pixels of a (3, H, W) tensor, in memory."""
     return picture.permute(1, 2, 0).cpu().numpy()
-
-
-def _pil(picture) -> Image.Image:
-    return picture if isinstance(picture, Image.Image) else Image.fromarray(_array(picture))
 
 
 def _batches(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
