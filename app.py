@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from dino_demo.ui import build_ui, launch_options
 
     demo = build_ui(engine, settings)
-    demo.launch(**launch_options(settings), quiet=True, prevent_thread_lock=True)  # our own start line instead
+    demo.launch(**launch_options(settings, engine), quiet=True, prevent_thread_lock=True)  # our own start line instead
     print(start_line(engine, settings, demo.local_url, demo.share_url), flush=True)
     demo.block_thread()
     return 0

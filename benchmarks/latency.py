@@ -13,12 +13,19 @@ With `--shared-tls` the clients get one TLS context to reuse (`Client(url, ssl_v
 by default gradio_client builds a new one for each request it sends, ≈ 20 ms of CPU each, three per
 call, even over plain http://.
 
+With `--think MS` the client is plain HTTP instead (one kept-alive connection, the README's httpx way)
+and waits MS between sending its files and making its call, using no CPU: a client on another machine,
+as every user of a hosted Space is, whose own work (or a person choosing a button) takes that long.
+Its round trips are printed without the wait. This is where an upload prepared early (dino_demo/uploads.py)
+shows; a client on the app's own two cores instead takes those cores while the app prepares.
+
     python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--shared-tls]
-                                 [--endpoints /search_image,...]
+                                 [--think MS] [--endpoints /search_image,...]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import ssl
 import subprocess
 import sys
@@ -87,21 +94,59 @@ def calls(client, handle_file, clip: Path) -> dict:
     }
 
 
+class ThinkingClient:
+    """Plain HTTP through one connection, in gradio_client's shape (`predict`, `view_api`): sends the files
+    among the arguments, waits `think` seconds, then calls and reads the answer's event stream; `waited`
+    adds up the waits, for the round trips to leave out."""
+
+    def __init__(self, url: str, think: float):
+        import httpx
+
+        self.http, self.think, self.waited = httpx.Client(base_url=url, timeout=300), think, 0.0
+
+    def predict(self, *args, api_name: str):
+        data = [self._sent(a) if isinstance(a, dict) and "path" in a else a for a in args]
+        time.sleep(self.think)
+        self.waited += self.think
+        event = self.http.post(f"gradio_api/call{api_name}", json={"data": data}).json()["event_id"]
+        answer = self.http.get(f"gradio_api/call{api_name}/{event}").text
+        kind, _, payload = answer.partition("\ndata: ")
+        if kind != "event: complete":
+            raise RuntimeError(f"{api_name}: {answer[:300]}")
+        return tuple(json.loads(payload))
+
+    def _sent(self, file: dict) -> dict:
+        with open(file["path"], "rb") as f:
+            path = self.http.post("gradio_api/upload", files={"files": (Path(file["path"]).name, f)}).json()[0]
+        return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+    def view_api(self, **_) -> dict:
+        return self.http.get("gradio_api/info").json()
+
+
+def client_kind(args) -> str:
+    if args.think is not None:
+        return f"plain HTTP on one connection, {args.think:.0f} ms between the files and the call (left out)"
+    return "gradio_client with " + ("one TLS context it reuses" if args.shared_tls else
+                                    "a new TLS context for each request (its default)")
+
+
 def served(client) -> set[str]:
     """The endpoints an app offers (a baseline may predate some)."""
     return set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
 
 
-def measure(calls_by_app: dict, runs: int) -> dict[str, dict[str, list[float]]]:
+def measure(calls_by_app: dict, clients: dict, runs: int) -> dict[str, dict[str, list[float]]]:
     """Per app, each step's times; the apps' calls alternate so that noise falls on both alike."""
     times = {name: {step: [] for step in (*STEPS, "per_frame")} for name in calls_by_app}
     for call in calls_by_app.values():
         call(0)  # warm-up: first-call allocations, MediaPipe graph loading
     for i in range(1, runs + 1):
         for name, call in calls_by_app.items():
-            started = time.perf_counter()
+            started, waited = time.perf_counter(), getattr(clients[name], "waited", 0.0)
             result = call(i)
-            times[name]["round_trip"].append((time.perf_counter() - started) * 1000)
+            waited = getattr(clients[name], "waited", 0.0) - waited
+            times[name]["round_trip"].append((time.perf_counter() - started - waited) * 1000)
             for step, ms in result["timings_ms"].items():
                 times[name][step].append(ms)
             if "seconds_per_frame" in result:
@@ -116,13 +161,13 @@ def report(clients: dict, clip: Path, args) -> None:
 
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
           f"{torch.get_num_threads()} threads, gradio_client with "
-          f"{'one TLS context it reuses' if args.shared_tls else 'a new TLS context for each request (its default)'}; "
+          f"{client_kind(args)}; "
           "ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
     for endpoint in args.endpoints.split(","):
         apps = {name: client for name, client in clients.items() if endpoint in served(client)}
         runs = args.clip_runs if endpoint.endswith("video") else args.runs
-        times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, runs)
+        times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, apps, runs)
         for name, steps in times.items():
             cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
                      for v in (steps[s] for s in STEPS)]
@@ -143,6 +188,8 @@ def main() -> int:
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated, of: " + ", ".join(ENDPOINTS))
     p.add_argument("--shared-tls", action="store_true", help="give each client one TLS context to reuse")
+    p.add_argument("--think", type=float, metavar="MS",
+                   help="plain HTTP instead, waiting MS between the files and the call (a client elsewhere)")
     args = p.parse_args()
     if unknown := set(args.endpoints.split(",")) - set(ENDPOINTS):
         p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
@@ -154,7 +201,8 @@ def main() -> int:
             urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device,
                               args.baseline, processes)
             tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
-            clients = {name: Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
+            clients = {name: ThinkingClient(url, args.think / 1000) if args.think is not None else
+                       Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
             report(clients, write_clip(Path(tmp) / "clip.mp4"), args)
         finally:
             for process in processes:  # the apps stop with the benchmark, even one cut short

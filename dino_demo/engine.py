@@ -6,6 +6,7 @@ Each result carries its pictures, a JSON-able dict and how long each step took (
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import time
@@ -32,6 +33,7 @@ from .live_index import LiveIndex
 from .matching import MATCH_LINES, Matches, match_patches
 from .model import Attended, Embedder, Features
 from .search import Hit, SearchError, check_k, search_image, search_region
+from .uploads import Prepared, Uploads
 
 Progress = Callable[[float, str], None]  # (fraction done, what is happening now)
 SIGHT_SIDE = 640  # longer side of the mask and colour pictures of a photo
@@ -178,6 +180,15 @@ class _Timer:
         return {**self.ms, "total": (time.perf_counter() - self._start) * 1000}
 
 
+def _serving(method):
+    """An engine request: no upload is prepared early while it runs (uploads.Uploads uses spare time only)."""
+    @functools.wraps(method)
+    def serve(self, *args, **kwargs):
+        with self.uploads.serving():
+            return method(self, *args, **kwargs)
+    return serve
+
+
 class Engine:
     """An embedder, an index and a face gate, and the only methods that turn inputs into results."""
 
@@ -191,6 +202,7 @@ class Engine:
         self.live = index if isinstance(index, LiveIndex) else LiveIndex.fixed(index)
         self.max_pixels, self.max_bytes, self.max_k = max_pixels, max_bytes, max_k
         self.clip_limits = clip_limits
+        self.uploads = Uploads(self._prepare)
 
     @property
     def index(self) -> Index:
@@ -216,17 +228,36 @@ class Engine:
         self.gate.require_no_face(image)
         return image
 
+    def prepare_upload(self, path: str) -> bool:
+        """Begins, in spare time, the load, face gate and embedding of an image file just uploaded, for the
+        request that will name it (uploads.Uploads); returns whether it began."""
+        return self.uploads.begin(path)
+
+    def _prepare(self, path: str) -> Prepared:
+        image = self.load(path)
+        return Prepared(image, self.embedder.embed([image]))
+
+    def _loaded(self, source: ImageSource) -> tuple[Image.Image, Features | None]:
+        """`load(source)`, and the features at the index's input size when its upload was prepared. A
+        request's "load" step then holds the wait for the prepared work, and its "embed" step is nothing."""
+        prepared = self.uploads.take(source)
+        if prepared is not None:
+            return prepared.image, prepared.features
+        return self.load(source), None
+
+    @_serving
     def search_image(self, source: ImageSource, k: int, progress: Progress | None = None) -> SearchResults:
         """The k indexed images most like the whole input image."""
         k, timer, report = check_k(k, self.max_k), _Timer(), progress or _quiet
         report(0.0, "Checking the image")
         with timer.step("load"):
-            image = self.load(source)
+            image, features = self._loaded(source)
         report(0.4, "Embedding")
         with timer.step("embed"):
-            features = self.embedder.embed([image])
+            features = features or self.embedder.embed([image])
         return self._image_results(self.index, features, k, timer, report)
 
+    @_serving
     def search_similar(self, image_id: int, k: int, progress: Progress | None = None) -> SearchResults:
         """Search from an indexed image (a clicked result) with its stored vector: no upload, no re-embedding."""
         k, timer, index = check_k(k, self.max_k), _Timer(), self.index
@@ -248,17 +279,18 @@ class Engine:
             items = self._items(index, hits)
         return SearchResults(items, features.sizes[0], None, timer.done())
 
+    @_serving
     def search_region(self, source: ImageSource, box, k: int, heat: bool = False,
                       progress: Progress | None = None) -> SearchResults:
         """The k indexed images holding a region most like `box` (x0, y0, x1, y1 in the input's pixels)."""
         k, timer, report, index = check_k(k, self.max_k), _Timer(), progress or _quiet, self.index
         report(0.0, "Checking the image")
         with timer.step("load"):
-            image = self.load(source)
+            image, features = self._loaded(source)
             box = fit_box(box, image.size)  # a bad box is refused before the model runs
         report(0.4, "Embedding")
         with timer.step("embed"):
-            features = self.embedder.embed([image])
+            features = features or self.embedder.embed([image])
         report(0.7, "Searching regions")
         with timer.step("search"):
             hits = search_region(index, features, box, k, with_heat=heat)
@@ -266,6 +298,7 @@ class Engine:
             items = self._items(index, hits)
         return SearchResults(items, image.size, box, timer.done())
 
+    @_serving
     def match(self, source_a: ImageSource, source_b: ImageSource, box=None, n: int = MATCH_LINES,
               progress: Progress | None = None) -> MatchResult:
         """Which patches of A (or of `box` on A) and B are each other's best match, drawn as lines."""
@@ -281,6 +314,7 @@ class Engine:
             picture = draw.draw_matches(image_a, image_b, matches, n, height=min(draw.MATCH_HEIGHT, max(image_a.height, image_b.height)))
         return MatchResult(picture, matches, min(int(n), len(matches)), timer.done())
 
+    @_serving
     def co_segment(self, source_a: ImageSource, source_b: ImageSource, progress: Progress | None = None) -> CoSegmentResult:
         """The parts of A and B whose features agree, each coloured alike from one basis fitted on both."""
         timer, report = _Timer(), progress or _quiet
@@ -298,20 +332,24 @@ class Engine:
         """Both images loaded and gated, the box fitted to A, and their features."""
         report(0.0, "Checking the images")
         with timer.step("load"):
-            image_a, image_b = self.load(source_a), self.load(source_b)
+            (image_a, features_a), (image_b, features_b) = self._loaded(source_a), self._loaded(source_b)
             box = None if box is None else fit_box(box, image_a.size)
         report(0.4, "Embedding")
         with timer.step("embed"):
-            features = self.match_embedder.embed([image_a, image_b])
+            if self.match_embedder is self.embedder and features_a and features_b:  # prepared at this size
+                features = Features.joined([features_a, features_b])
+            else:
+                features = self.match_embedder.embed([image_a, image_b])
         return image_a, image_b, box, features
 
+    @_serving
     def what_dino_sees(self, source: ImageSource, share: float = DEFAULT_SHARE,
                        progress: Progress | None = None) -> SightResult:
         """The last layer's CLS attention per head, the mask holding `share` % of it, and the feature colours."""
         share, timer, report = check_share(share), _Timer(), progress or _quiet
         report(0.0, "Checking the image")
         with timer.step("load"):
-            image = self.load(source)
+            image = self._loaded(source)[0]
         report(0.4, "Looking")
         with timer.step("model"):
             attended = self.embedder.attend([image])
@@ -324,6 +362,7 @@ class Engine:
                         draw.draw_colours(shown, sight.colours, sight.foreground))
         return SightResult(*pictures, sight, share, self.model_name, timer.done())
 
+    @_serving
     def what_dino_sees_video(self, source: VideoSource, share: float, out_dir: Path,
                              progress: Progress | None = None) -> ClipResult:
         """What DINO sees on every sampled frame of a clip, written to `out_dir` as an MP4 (mask | colours).

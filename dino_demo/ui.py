@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +32,7 @@ import gradio as gr
 from gradio import processing_utils
 from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
+from starlette.middleware import Middleware
 
 from .attention import DEFAULT_SHARE
 from .backbones import short_name
@@ -71,6 +73,7 @@ CSS = """
 QUERY_LABEL = "Query image: upload, paste or take a photo"
 EVENT_OPTIONS = {"preprocess": False, "concurrency_id": "engine"}
 BOX_CORNERS = ("x0", "y0", "x1", "y1")
+UPLOAD_ROUTE = "/gradio_api/upload"  # where Gradio takes the files a client sends before its request
 
 
 # --- turning Gradio payloads into plain values ---------------------------------------------------
@@ -515,9 +518,43 @@ def build_ui(engine: Engine, settings: Settings) -> gr.Blocks:
     return demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
 
 
-def launch_options(settings: Settings) -> dict:
-    """Keyword arguments for `demo.launch` that come from the settings (Gradio 6 takes theme and css here)."""
+def launch_options(settings: Settings, engine: Engine) -> dict:
+    """Keyword arguments for `demo.launch` that come from the settings (Gradio 6 takes theme and css here),
+    and the middleware that hands each upload to `engine` to prepare."""
     return {
         "server_name": settings.host, "server_port": settings.port, "share": settings.share,
         "max_file_size": settings.max_upload_bytes, "css": CSS, "theme": gr.themes.Soft(),
+        "app_kwargs": {"middleware": [Middleware(PrepareUploads, engine=engine)]},
     }
+
+
+class PrepareUploads:
+    """ASGI middleware: once Gradio's upload route has answered, each file it took is handed to
+    `Engine.prepare_upload`, so the load, face gate and embedding run while the client (or the person)
+    gets on to the request that will use it. Every other request passes untouched."""
+
+    def __init__(self, app, engine: Engine):
+        self.app, self.engine = app, engine
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(UPLOAD_ROUTE):
+            return await self.app(scope, receive, send)
+        status, body = 0, []
+
+        async def answer(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body":
+                body.append(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, answer)  # returns after the route's background copy into the cache
+        if status == 200:
+            try:
+                paths = json.loads(b"".join(body))
+            except ValueError:
+                return
+            for path in paths if isinstance(paths, list) else []:
+                if isinstance(path, str):
+                    self.engine.prepare_upload(path)

@@ -145,7 +145,7 @@ def app_server(tmp_path_factory, tiny_vit):
                         host="127.0.0.1", cache_dir=tmp_path_factory.mktemp("app-cache"))
     engine = open_engine(settings)
     demo = build_ui(engine, settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings, engine))
     yield f"http://127.0.0.1:{settings.port}/", engine
     demo.close()
 

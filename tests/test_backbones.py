@@ -164,7 +164,7 @@ def test_the_app_serves_all_three_endpoints_on_a_dinov3_index(tiny_dinov3, tmp_p
     assert engine.embedder.model_type == "dinov3_vit" and engine.embedder.grid == (14, 14)
     assert engine.index.manifest["model"]["type"] == "dinov3_vit"
     demo = build_ui(engine, settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings, engine))
     try:
         client = Client(f"http://127.0.0.1:{settings.port}/", verbose=False, download_files=False)
         marigold = handle_file(str(ROOT / "assets" / "collection" / "mate-red-marigold.jpg"))

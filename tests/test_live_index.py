@@ -72,7 +72,7 @@ def test_the_running_app_serves_removals_and_additions_within_seconds(folder, ti
                         watch=1, k=8)
     engine = open_engine(settings)
     demo = build_ui(engine, settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings, engine))
     try:
         client = Client(f"http://127.0.0.1:{settings.port}/", verbose=False, download_files=False)
         query = tmp_path / "query.png"

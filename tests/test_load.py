@@ -61,7 +61,7 @@ def slow_server(app_server, **settings):
     settings = Settings(model=str(slow.embedder.model_id), input_size=224, port=free_port(), host="127.0.0.1",
                         **settings)
     demo = build_ui(slow, settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings, slow))
     try:
         yield f"http://127.0.0.1:{settings.port}/", slow
     finally:

@@ -173,7 +173,7 @@ def test_uploads_live_in_the_temp_folder_and_are_deleted_after_their_lifetime(ap
     photo = tmp_path / "photo.jpg"  # new bytes: Gradio names cached files by content, examples are kept
     make_image(int(time.time()), (120, 90)).save(photo)
     demo = build_ui(engine, settings)
-    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings))
+    demo.launch(prevent_thread_lock=True, quiet=True, **launch_options(settings, engine))
     try:
         base = f"http://127.0.0.1:{settings.port}/"
         with open(photo, "rb") as f:

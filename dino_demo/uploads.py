@@ -1,0 +1,133 @@
+"""Work begun on an uploaded image before a request asks for it.
+
+A client sends its file first (Gradio's upload) and the request that uses it after; a browser, when the
+person picks the file, seconds before they press a button. The server is idle in between. `Uploads.begin`
+uses that time: the load, the face gate and the embedding at the index's input size run on a file as
+soon as it lands, and the request that names it takes the result (`Uploads.take`) instead of doing them.
+
+Only spare time is used. Nothing begins while a request is being served, and a request that finds its
+file's work not yet started does that work itself (the early run is dropped), so the work is never done
+twice and never waits in a line. A face, or a file that is no image, is found early too: the request
+raises the same error it would have raised. Entries are kept for later requests on the same file (a
+region search redrawn); at most `capacity`, each of at most `max_pixels`, and an entry nobody took is
+dropped after `stale_after` seconds.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from contextlib import contextmanager
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from PIL import Image
+
+from .model import Features
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An uploaded image, loaded and let through the face gate, and its features at the index's size."""
+    image: Image.Image
+    features: Features
+
+
+@dataclass
+class _Entry:
+    future: Future
+    began: float
+    taken: bool = False
+
+
+Key = tuple[str, int, int]  # (resolved path, bytes, modification time in ns): a changed file is another
+
+
+class Uploads:
+    """Prepares uploaded image files in one background thread; `prepare` is the work (load, gate, embed)."""
+
+    def __init__(self, prepare: Callable[[str], Prepared], capacity: int = 8, max_pixels: int = 12_000_000,
+                 stale_after: float = 600.0):
+        self._prepare, self.capacity, self.max_pixels, self.stale_after = prepare, capacity, max_pixels, stale_after
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._serving = 0  # requests under way: while any is, nothing begins
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare-upload")
+
+    def begin(self, path: str) -> bool:
+        """Starts preparing the image file at `path` unless a request is being served, it is begun already,
+        or there is no room; returns whether it began. Never blocks on the work itself."""
+        key = _key(path)
+        if key is None:
+            return False
+        with self._lock:
+            if self._serving or key in self._entries or not self._make_room():
+                return False
+            self._entries[key] = _Entry(self._pool.submit(self._run, key[0]), time.monotonic())
+            return True
+
+    def take(self, source) -> Prepared | None:
+        """The prepared work for `source` if it is a file begun here, waiting for it if under way; None
+        when there is none (or it had not started: the caller does it now). Raises what the work raised."""
+        key = _key(source) if isinstance(source, (str, Path)) else None
+        with self._lock:
+            entry = self._entries.get(key) if key else None
+            if entry is None:
+                return None
+            if entry.future.cancel():  # not started: the request is quicker doing it itself
+                del self._entries[key]
+                return None
+            entry.taken = True
+            self._entries.move_to_end(key)
+        try:
+            return entry.future.result()
+        except CancelledError:
+            return None
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """`with uploads.serving():` around a request, so no early work begins while it runs."""
+        with self._lock:
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._serving -= 1
+
+    def _run(self, path: str) -> Prepared | None:
+        """The work, on an image of at most max_pixels; anything else is left to its request, which says
+        what is wrong with it in its own words."""
+        try:
+            with Image.open(path) as probe:  # the header only
+                if probe.width * probe.height > self.max_pixels:
+                    return None
+        except Exception:  # noqa: BLE001  (not an image Pillow knows: a clip, a corrupt file)
+            return None
+        return self._prepare(path)
+
+    def _make_room(self) -> bool:
+        """Drops entries already taken or stale, oldest first, until one more fits (lock held)."""
+        now = time.monotonic()
+        for key in list(self._entries):
+            if len(self._entries) < self.capacity:
+                break
+            entry = self._entries[key]
+            if entry.taken or now - entry.began > self.stale_after:
+                entry.future.cancel()
+                del self._entries[key]
+        return len(self._entries) < self.capacity
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _key(path) -> Key | None:
+    try:
+        resolved = Path(path).resolve()
+        stat = resolved.stat()
+    except (OSError, ValueError, TypeError):
+        return None
+    return str(resolved), stat.st_size, stat.st_mtime_ns
