@@ -160,7 +160,7 @@ def report(clients: dict, clip: Path, args) -> None:
     from gradio_client import handle_file
 
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
-          f"{torch.get_num_threads()} threads, gradio_client with "
+          f"{torch.get_num_threads()} threads, "
           f"{client_kind(args)}; "
           "ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))

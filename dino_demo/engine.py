@@ -2,7 +2,8 @@
 match, or look) -> draw.
 
 The UI and the API call only these methods, so no route reaches the model without the face gate.
-Each result carries its pictures, a JSON-able dict and how long each step took (`timings`, in ms).
+An uploaded image may have been through load, gate and embed already, begun in spare time as its file
+landed (`prepare_upload`, uploads.py): the same steps in the same order, only earlier. Each result carries its pictures, a JSON-able dict and how long each step took (`timings`, in ms).
 """
 from __future__ import annotations
 

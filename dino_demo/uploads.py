@@ -109,19 +109,19 @@ class Uploads:
         return self._prepare(path)
 
     def _make_room(self) -> bool:
-        """Drops entries already taken or stale, oldest first, until one more fits (lock held)."""
+        """Drops entries that hold nothing more for anyone, oldest first, until one more fits (lock held):
+        those taken already, gone stale, or that prepared nothing (a clip, a huge image)."""
         now = time.monotonic()
         for key in list(self._entries):
             if len(self._entries) < self.capacity:
                 break
             entry = self._entries[key]
-            if entry.taken or now - entry.began > self.stale_after:
-                entry.future.cancel()
+            future = entry.future
+            empty = future.done() and not future.cancelled() and future.exception() is None and future.result() is None
+            if entry.taken or empty or now - entry.began > self.stale_after:
+                future.cancel()
                 del self._entries[key]
         return len(self._entries) < self.capacity
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _key(path) -> Key | None:

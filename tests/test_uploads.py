@@ -165,6 +165,11 @@ def test_clips_bad_files_and_huge_images_are_left_to_their_request(tmp_path, pho
         uploads.begin(path)
         assert uploads.take(path) is None
     assert work.done == []
+    full = Uploads(work, capacity=1)  # what prepared nothing holds no room for the next upload
+    assert full.begin(str(notes))
+    wait_for(lambda: full.begin(photos[1]), "room once the file that is no image was looked at")
+    wait_for(lambda: work.done == [photos[1]], "p1 prepared")
+    assert full.take(photos[1]) == "prepared p1.jpg"
 
 
 def test_what_the_work_raised_is_raised_to_the_request(photos):
