@@ -5,8 +5,8 @@
 
 Backends: torch (eager fp32, the fallback), onnx (ONNX Runtime fp32), onnx-int8 (dynamic int8 MatMuls),
 and, for comparison (not offered by the app): onnx-int8-static (static QDQ int8 calibrated on the shipped
-photos, the best static variant tried), onnx-int8-1t and onnx-int8-nospin (the app's dynamic int8 export
-in a session with 1 intra-op thread, or 2 that sleep instead of spinning while they wait for work) and
+photos, the best static variant tried), onnx-int8-1t and onnx-int8-spin (the app's dynamic int8 export
+in a session with 1 intra-op thread, or 2 that spin instead of sleeping while they wait for work) and
 torch-int8 (torch.ao dynamic int8 Linear layers). The
 backends are timed in interleaved rounds so that load from other processes hits them alike; each
 figure is ms for one image at batch 1: `model` from prepared S x S pixels (S in --sizes), `query` from a
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when run as a script)
 
-BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int8-static", "onnx-int8-1t", "onnx-int8-nospin", "torch-int8")
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-int8-static", "onnx-int8-1t", "onnx-int8-spin", "torch-int8")
 
 
 def save_dinov2_small(folder: Path) -> Path:
@@ -81,7 +81,7 @@ def make_embedders(folder: Path, cache: Path, input_size: int | None = None, nam
     onnx, dynamic = embedders["onnx"], embedders["onnx-int8"]
     variants = {"onnx-int8-static": lambda: static_int8(onnx, embedders["torch"]),
                 "onnx-int8-1t": lambda: with_session(dynamic, "onnx-int8-1t", threads=1),
-                "onnx-int8-nospin": lambda: with_session(dynamic, "onnx-int8-nospin", spinning=False),
+                "onnx-int8-spin": lambda: with_session(dynamic, "onnx-int8-spin", spinning=True),
                 "torch-int8": lambda: torch_int8(embedders["torch"])}
     return {name: embedders[name] if name in embedders else variants[name]()
             for name in BACKENDS if name in names}  # in BACKENDS' order: torch, the reference, first

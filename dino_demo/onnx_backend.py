@@ -179,6 +179,10 @@ def _session(onnxruntime, path: Path, threads: int | None):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Idle threads sleep instead of spinning: a spinning thread holds a core the face gate, Gradio, an
+    # upload being prepared or a client on the same machine needs (benchmarks/RESULTS.md, "Uploads
+    # prepared early"); a query's own run is ~4 ms slower for it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -71,6 +71,8 @@ def test_the_export_is_cached_and_reused(tiny_vit, tmp_path):
     other_size = Embedder(str(tiny_vit), device="cpu", backend="onnx-int8", cache_dir=tmp_path, input_size=96)
     assert other_size._onnx.path != first._onnx.path  # the input size is part of the key
     assert other_size.embed(IMAGES).patches.shape[1] == 36
+    options = first._onnx.session.get_session_options()  # idle threads sleep: they would hold the cores
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_an_export_further_than_the_minimum_cosine_is_refused_and_remembered(tiny_vit, tmp_path):
