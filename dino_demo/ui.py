@@ -7,7 +7,8 @@ a box is one gesture, maps exactly onto whole patches of the grid, and is what c
 Events run with preprocess=False: the handlers get the uploaded file's path undecoded, so
 `images.load_image` (size limits, clear errors) is the only decoder, and the engine's face gate
 sees every image. Layout: payload helpers and the `Handlers` (callable without building the page)
-first, then one function per tab that lays it out and wires its own events, then `build_ui`.
+first, then one function per tab that lays it out and wires its own events, then `build_ui`, and last
+`launch_options` with the `PrepareUploads` middleware (each uploaded image prepared before its request).
 
 API (gradio_client, see README):
   /search_image   (image, k)                              -> (gallery, json)
