@@ -9,13 +9,12 @@ Only spare time is used. Nothing begins while a request is being served, and a r
 file's work not yet started does that work itself (the early run is dropped), so the work is never done
 twice and never waits in a line. A face, or a file that is no image, is found early too: the request
 raises the same error it would have raised. Entries are kept for later requests on the same file (a
-region search redrawn); at most `capacity`, each of at most `max_pixels`, and an entry nobody took is
-dropped after `stale_after` seconds.
+region search redrawn): at most `capacity` of them, each of at most `max_pixels`, the least recently
+begun or taken dropped first.
 """
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -35,37 +34,30 @@ class Prepared:
     features: Features
 
 
-@dataclass
-class _Entry:
-    future: Future
-    began: float
-    taken: bool = False
-
-
 Key = tuple[str, int, int]  # (resolved path, bytes, modification time in ns): a changed file is another
 
 
 class Uploads:
     """Prepares uploaded image files in one background thread; `prepare` is the work (load, gate, embed)."""
 
-    def __init__(self, prepare: Callable[[str], Prepared], capacity: int = 8, max_pixels: int = 12_000_000,
-                 stale_after: float = 600.0):
-        self._prepare, self.capacity, self.max_pixels, self.stale_after = prepare, capacity, max_pixels, stale_after
-        self._entries: OrderedDict[Key, _Entry] = OrderedDict()
+    def __init__(self, prepare: Callable[[str], Prepared], capacity: int = 8, max_pixels: int = 12_000_000):
+        self._prepare, self.capacity, self.max_pixels = prepare, capacity, max_pixels
+        self._entries: OrderedDict[Key, Future] = OrderedDict()  # least recently begun or taken first
         self._lock = threading.Lock()
         self._serving = 0  # requests under way: while any is, nothing begins
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare-upload")
 
     def begin(self, path: str) -> bool:
-        """Starts preparing the image file at `path` unless a request is being served, it is begun already,
-        or there is no room; returns whether it began. Never blocks on the work itself."""
+        """Starts preparing the image file at `path` unless a request is being served or it is begun already;
+        returns whether it began. Never blocks on the work itself."""
         key = _key(path)
         if key is None:
             return False
         with self._lock:
-            if self._serving or key in self._entries or not self._make_room():
+            if self._serving or key in self._entries:
                 return False
-            self._entries[key] = _Entry(self._pool.submit(self._run, key[0]), time.monotonic())
+            self._make_room()
+            self._entries[key] = self._pool.submit(self._run, key[0])
             return True
 
     def take(self, source) -> Prepared | None:
@@ -73,16 +65,15 @@ class Uploads:
         when there is none (or it had not started: the caller does it now). Raises what the work raised."""
         key = _key(source) if isinstance(source, (str, Path)) else None
         with self._lock:
-            entry = self._entries.get(key) if key else None
-            if entry is None:
+            future = self._entries.get(key) if key else None
+            if future is None:
                 return None
-            if entry.future.cancel():  # not started: the request is quicker doing it itself
+            if future.cancel():  # not started: the request is quicker doing it itself
                 del self._entries[key]
                 return None
-            entry.taken = True
             self._entries.move_to_end(key)
         try:
-            return entry.future.result()
+            return future.result()
         except CancelledError:
             return None
 
@@ -108,20 +99,14 @@ class Uploads:
             return None
         return self._prepare(path)
 
-    def _make_room(self) -> bool:
-        """Drops entries that hold nothing more for anyone, oldest first, until one more fits (lock held):
-        those taken already, gone stale, or that prepared nothing (a clip, a huge image)."""
-        now = time.monotonic()
+    def _make_room(self) -> None:
+        """Drops the least recently begun or taken entries, bar the one under way, until one more fits
+        (lock held); a dropped entry not yet started never starts."""
         for key in list(self._entries):
             if len(self._entries) < self.capacity:
-                break
-            entry = self._entries[key]
-            future = entry.future
-            empty = future.done() and not future.cancelled() and future.exception() is None and future.result() is None
-            if entry.taken or empty or now - entry.began > self.stale_after:
-                future.cancel()
-                del self._entries[key]
-        return len(self._entries) < self.capacity
+                return
+            if not self._entries[key].running():
+                self._entries.pop(key).cancel()
 
 
 def _key(path) -> Key | None:

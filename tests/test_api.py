@@ -179,3 +179,20 @@ def test_app_settings_come_from_env_then_the_command_line():
     assert (settings.model, settings.index, settings.port, settings.k, settings.face_gate) == \
         ("env/model", "hf://a/b", 7000, 4, False)
     assert app.load_settings(["--index", "idx"], env).index == "idx"
+
+
+def test_the_latency_benchmarks_plain_http_client_gets_what_gradio_client_gets(app_server, client, monkeypatch):
+    """benchmarks/latency.py --think: the same answers as gradio_client, its waits counted apart."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from latency import ThinkingClient, served
+
+    url, _ = app_server
+    thinking = ThinkingClient(url, think=0.05)
+    assert served(thinking) == served(client)
+    got, want = (c.predict(handle_file(MARIGOLD), 3, api_name="/search_image") for c in (thinking, client))
+    assert len(got[0]) == len(want[0]) == 3  # the gallery, then the JSON (raw HTTP adds the hidden state's None)
+    assert {**got[1], "timings_ms": None} == {**want[1], "timings_ms": None}
+    picture, summary, result = thinking.predict(handle_file(MARIGOLD), handle_file(YELLOW), None, None, None, None, 5,
+                                                api_name="/match_patches")
+    assert picture and summary.startswith(f"{result['count']} matches") and len(result["pairs"]) == 5
+    assert thinking.waited == pytest.approx(0.1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -102,7 +103,11 @@ def test_image_retrieval_tab_shows_similar_images(page, screenshots):
     assert gallery_captions(page, "#image-results", 6)[0].startswith(captions[2].split(" · ")[0])
 
 
-def test_region_retrieval_tab_searches_a_box_drawn_with_the_mouse(page, screenshots):
+def test_region_retrieval_tab_searches_a_box_drawn_with_the_mouse(page, screenshots, app_server, monkeypatch):
+    engine, embedded_in = app_server[1], []
+    real = engine.embedder.embed
+    monkeypatch.setattr(engine.embedder, "embed",
+                        lambda images: embedded_in.append(threading.current_thread().name) or real(images))
     page.get_by_role("tab", name="Region retrieval").click()
     page.locator("#region-input input[type=file]").set_input_files(str(COLLECTION / "mate-ladybird-on-grass.jpg"))
     drag_box(page, "#region-input canvas", (512, 320), (322, 132, 398, 196))
@@ -114,6 +119,8 @@ def test_region_retrieval_tab_searches_a_box_drawn_with_the_mouse(page, screensh
     first_box = re.search(r'"box":\[([-\d.,]+)\]', json_text(page, "#region-json")).group(1)
     query_box = [float(v) for v in first_box.split(",")]
     assert query_box == pytest.approx([322, 132, 398, 196], abs=4)  # the dragged box reached the server
+    # The photo was embedded once, as it landed, while the box was being drawn; the search took that.
+    assert len(embedded_in) == 1 and embedded_in[0].startswith("prepare-upload"), embedded_in
 
 
 def test_patch_matching_tab_draws_matches_for_a_box_on_a(page, screenshots):

@@ -137,15 +137,21 @@ def test_a_request_does_work_not_yet_started_itself_and_waits_for_work_under_way
     assert taken == ["prepared p0.jpg"] and work.done == [photos[0]]
 
 
-def test_room_is_made_from_taken_or_stale_entries_only(photos):
-    uploads = Uploads(Recorder(), capacity=2)
-    assert uploads.begin(photos[0]) and uploads.begin(photos[1])
-    assert not uploads.begin(photos[2])  # two nobody has taken yet: kept for their requests
-    assert uploads.take(photos[0]) is not None
-    assert uploads.begin(photos[2])  # the taken one made room
-    assert uploads.take(photos[0]) is None  # and is gone
-    stale = Uploads(Recorder(), capacity=1, stale_after=0.0)
-    assert stale.begin(photos[0]) and stale.begin(photos[1])  # an entry nobody took, gone stale
+def test_room_is_made_by_dropping_the_least_recently_used_entry_but_never_the_one_under_way(photos):
+    work = Recorder()
+    work.hold = threading.Event()
+    uploads = Uploads(work, capacity=2)
+    assert uploads.begin(photos[0]) and work.started.wait(30)  # p0 under way (held)
+    assert uploads.begin(photos[1])  # p1 waits behind it
+    assert uploads.begin(photos[2])  # full: p1, not started, is dropped and never starts; p0 is kept
+    work.hold.set()
+    assert uploads.take(photos[0]) == "prepared p0.jpg" and uploads.take(photos[1]) is None
+    wait_for(lambda: work.done == [photos[0], photos[2]], "p2 prepared")
+    assert uploads.take(photos[0]) is not None  # taken again: now the most recently used
+    assert uploads.begin(photos[3])  # so p2 makes room
+    wait_for(lambda: len(work.done) == 3, "p3 prepared")
+    assert uploads.take(photos[2]) is None and uploads.take(photos[0]) == "prepared p0.jpg"
+    assert work.done == [photos[0], photos[2], photos[3]]
 
 
 def test_a_changed_file_is_not_taken_for_the_old_one(photos):
@@ -165,11 +171,6 @@ def test_clips_bad_files_and_huge_images_are_left_to_their_request(tmp_path, pho
         uploads.begin(path)
         assert uploads.take(path) is None
     assert work.done == []
-    full = Uploads(work, capacity=1)  # what prepared nothing holds no room for the next upload
-    assert full.begin(str(notes))
-    wait_for(lambda: full.begin(photos[1]), "room once the file that is no image was looked at")
-    wait_for(lambda: work.done == [photos[1]], "p1 prepared")
-    assert full.take(photos[1]) == "prepared p1.jpg"
 
 
 def test_what_the_work_raised_is_raised_to_the_request(photos):
