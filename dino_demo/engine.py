@@ -3,7 +3,8 @@ match, or look) -> draw.
 
 The UI and the API call only these methods, so no route reaches the model without the face gate.
 An uploaded image may have been through load, gate and embed already, begun in spare time as its file
-landed (`prepare_upload`, uploads.py): the same steps in the same order, only earlier. Each result carries its pictures, a JSON-able dict and how long each step took (`timings`, in ms).
+landed (`prepare_upload`, uploads.py): the same steps in the same order, only earlier. Each result
+carries its pictures, a JSON-able dict and how long each step took (`timings`, in ms).
 """
 from __future__ import annotations
 
@@ -255,7 +256,8 @@ class Engine:
             image, features = self._loaded(source)
         report(0.4, "Embedding")
         with timer.step("embed"):
-            features = features or self.embedder.embed([image])
+            if features is None:
+                features = self.embedder.embed([image])
         return self._image_results(self.index, features, k, timer, report)
 
     @_serving
@@ -291,7 +293,8 @@ class Engine:
             box = fit_box(box, image.size)  # a bad box is refused before the model runs
         report(0.4, "Embedding")
         with timer.step("embed"):
-            features = features or self.embedder.embed([image])
+            if features is None:
+                features = self.embedder.embed([image])
         report(0.7, "Searching regions")
         with timer.step("search"):
             hits = search_region(index, features, box, k, with_heat=heat)
@@ -337,7 +340,7 @@ class Engine:
             box = None if box is None else fit_box(box, image_a.size)
         report(0.4, "Embedding")
         with timer.step("embed"):
-            if self.match_embedder is self.embedder and features_a and features_b:  # prepared at this size
+            if self.match_embedder is self.embedder and features_a is not None and features_b is not None:
                 features = Features.joined([features_a, features_b])
             else:
                 features = self.match_embedder.embed([image_a, image_b])
