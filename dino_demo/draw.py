@@ -6,6 +6,8 @@ otherwise); a box's outline is blended by the share of each pixel it covers.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -36,20 +38,26 @@ def draw_box(
     x0, y0, x1, y1 = (float(v) for v in box)
     w = max(1, width)
     out = image.convert("RGB")  # a copy, even of an RGB image
-    # A 1-pixel dark rim on both sides keeps yellow visible on pale photos.
+    # A 1-pixel dark rim on both sides keeps yellow visible on pale photos. Only pixels within the
+    # outline's outer edge can change, so coverage is computed over that rectangle, not the picture.
     for grow, shrink, paint in ((1, w + 1, EDGE_COLOUR), (0, w, colour)):
-        ring = _coverage(image.size, (x0 - grow, y0 - grow, x1 + grow, y1 + grow)) - \
-            _coverage(image.size, (x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink))
-        out.paste(paint, mask=Image.fromarray((ring * 255).round().astype(np.uint8)))
+        outer = (x0 - grow, y0 - grow, x1 + grow, y1 + grow)
+        area = (max(0, math.floor(outer[0])), max(0, math.floor(outer[1])),
+                min(image.width, math.ceil(outer[2])), min(image.height, math.ceil(outer[3])))
+        if area[2] <= area[0] or area[3] <= area[1]:
+            continue
+        ring = _coverage(area, outer) - _coverage(area, (x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink))
+        out.paste(paint, area, mask=Image.fromarray((ring * 255).round().astype(np.uint8)))
     return out
 
 
-def _coverage(size: tuple[int, int], rect: tuple[float, float, float, float]) -> np.ndarray:
-    """(h, w) share of each pixel inside `rect` (x0, y0, x1, y1 in pixel edges; empty if inverted)."""
-    def overlap(n: int, lo: float, hi: float) -> np.ndarray:
-        edges = np.arange(n, dtype=np.float32)
+def _coverage(area: tuple[int, int, int, int], rect: tuple[float, float, float, float]) -> np.ndarray:
+    """Share of each pixel of `area` (left, top, right, bottom) inside `rect` (x0, y0, x1, y1 in pixel
+    edges; empty if inverted), as an array of the area's (h, w)."""
+    def overlap(first: int, end: int, lo: float, hi: float) -> np.ndarray:
+        edges = np.arange(first, end, dtype=np.float32)
         return np.clip(np.minimum(edges + 1, hi) - np.maximum(edges, lo), 0, 1)
-    return np.outer(overlap(size[1], rect[1], rect[3]), overlap(size[0], rect[0], rect[2]))
+    return np.outer(overlap(area[1], area[3], rect[1], rect[3]), overlap(area[0], area[2], rect[0], rect[2]))
 
 
 def draw_heatmap(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, cmap: str = "inferno") -> Image.Image:

@@ -47,6 +47,26 @@ def test_box_leaves_the_photo_as_it_was_away_from_the_outline_and_softens_its_ed
     assert not is_colour(half, (20, 20, 20), 5) and not (half == before[65, 19]).all()
 
 
+@pytest.mark.parametrize("box", [(-7.5, 12.25, 60.5, 140.0), (30.0, -3.0, 200.0, 50.5), (-20, -20, 180, 140),
+                                 (150.2, 110.6, 170.0, 130.0), (40, 40, 41, 42)])
+def test_a_box_hanging_off_the_picture_or_smaller_than_its_outline_is_drawn_as_over_the_whole_picture(box):
+    """The outline is computed in its own rectangle, clipped to the picture: the same pixels as blending
+    the exact coverage of the whole picture."""
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, (120, 160, 3), dtype=np.uint8))
+
+    def coverage(rect):  # each pixel's share inside rect, over the whole picture
+        share = lambda n, lo, hi: np.clip(np.minimum(np.arange(n) + 1, hi) - np.maximum(np.arange(n), lo), 0, 1)  # noqa: E731
+        return np.outer(share(120, rect[1], rect[3]), share(160, rect[0], rect[2]))
+
+    expected, (x0, y0, x1, y1) = photo.copy(), box
+    for grow, shrink, paint in ((1, 4, (20, 20, 20)), (0, 3, BOX_COLOUR)):
+        ring = coverage((x0 - grow, y0 - grow, x1 + grow, y1 + grow)) - \
+            coverage((x0 + shrink, y0 + shrink, x1 - shrink, y1 - shrink))
+        expected.paste(paint, mask=Image.fromarray((ring * 255).round().astype(np.uint8)))
+    assert (np.asarray(draw_box(photo, box, width=3)) == np.asarray(expected)).all()
+
+
 def test_heatmap_has_the_image_size_and_is_brightest_where_similarity_is_highest():
     image = Image.new("RGB", (120, 80), GREY)
     heat = np.zeros((4, 4), np.float32)
