@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import gradio as gr
+from gradio import processing_utils
 from gradio import utils as gr_utils
 from gradio_image_annotation import image_annotator
 
@@ -123,20 +124,23 @@ def test_search_image_passes_the_uploaded_path_and_an_int_k_and_returns_gallery_
     assert engine.calls == [("search_image", uploaded, 5)]
     assert type(engine.calls[0][2]) is int  # a slider sends 5.0; the engine takes whole numbers only
     assert [caption for _, caption in gallery] == ["photo 4 · 0.960", "photo 7 · 0.930"]
-    assert all(isinstance(picture, Image.Image) for picture, _ in gallery)
+    assert all(Image.open(picture).format == "JPEG" for picture, _ in gallery)  # files Gradio only names
     assert result_json == search_results([4, 7]).to_json()
     assert ids == [4, 7]
 
 
-def test_a_thumbnail_shown_as_stored_goes_out_as_its_own_jpeg_file_and_a_drawn_one_as_a_picture():
+def test_a_thumbnail_shown_as_stored_goes_out_as_its_own_jpeg_file_and_a_drawn_one_as_gradio_would_encode_it():
     stored = io.BytesIO()
     tile("green").save(stored, "JPEG")
     plain = ResultItem(3, 0.9, "plain", (80, 60), Image.open(io.BytesIO(stored.getvalue())), None, stored.getvalue())
     boxed = ResultItem(4, 0.8, "boxed", (80, 60), tile("red"), (1, 1, 5, 5))
-    (path, caption), (picture, _) = gallery_of(SearchResults([plain, boxed], (640, 480)))
+    (path, caption), (drawn, _) = gallery_of(SearchResults([plain, boxed], (640, 480)))
     assert Path(path).read_bytes() == stored.getvalue() and path.endswith(".jpg")  # the bytes as stored
-    assert Path(path).is_relative_to(gr_utils.get_upload_folder())  # in Gradio's cache: served, cleaned with it
-    assert caption == "plain · 0.900" and picture is boxed.picture
+    assert caption == "plain · 0.900"
+    # The same bytes Gradio's gallery would have written for the picture (format="jpeg"), in the same cache.
+    assert Path(drawn).read_bytes() == processing_utils.encode_pil_to_bytes(boxed.picture, "jpeg")
+    for file in (path, drawn):
+        assert Path(file).is_relative_to(gr_utils.get_upload_folder())  # in Gradio's cache: served, cleaned with it
 
 
 def test_webcam_data_url_reaches_the_engine_as_bytes(engine):
