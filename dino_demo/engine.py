@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import threadpoolctl
 from PIL import Image
 
 from . import attention, draw
@@ -42,6 +43,14 @@ SIGHT_SIDE = 640  # longer side of the mask and colour pictures of a photo
 # A clip's frames are shrunk to this before anything else: the face gate checks, the model sees and the video
 # shows the same picture, and at the gate's tile size a frame needs no tiles (a quarter of its time at 1080p).
 FRAME_SIDE = 512
+
+
+def blas_on_one_thread() -> None:
+    """numpy's and FAISS's BLAS (OpenBLAS) run each matrix product on one thread, process-wide. A request's
+    products are small (a region's re-ranking, patch matching, PCA colours), and after each one the idle
+    BLAS threads spin for about 0.1 s: a region search took 183 ms of the server's CPU with them, 89 ms
+    without, on the two cores the client, Gradio, the face gate and ONNX Runtime share."""
+    threadpoolctl.threadpool_limits(1, user_api="blas")
 
 
 def load_embedder(settings: Settings, built: dict | None = None) -> Embedder:
@@ -215,7 +224,9 @@ class Engine:
     @classmethod
     def from_settings(cls, settings: Settings, embedder: Embedder, index: Index,
                       gate: FaceGate | NoFaceGate | None = None) -> "Engine":
-        """An engine with the settings' limits and face gate (or `gate`, e.g. a test's stub)."""
+        """An engine with the settings' limits and face gate (or `gate`, e.g. a test's stub), serving: BLAS
+        on one thread from now on, in this process (blas_on_one_thread)."""
+        blas_on_one_thread()
         if gate is None:
             # The four turns side by side, one MediaPipe worker per core (faces.FaceGate).
             gate = FaceGate(workers=min(len(ALL_TURNS), os.cpu_count() or 1)) if settings.face_gate else NoFaceGate()

@@ -260,3 +260,21 @@ def test_matching_runs_at_its_own_input_size_while_searches_keep_the_indexs(inde
     assert same.match_embedder is embedder
     coarse = same.match(a, a.copy(), box=(0, 0, 48, 36))
     assert len(coarse.matches) == 4 and coarse.to_json()["grid"] == [4, 4]  # 2 x 2 cells of the 4 x 4 grid
+
+
+def test_a_serving_engine_runs_blas_on_one_thread(indexed):
+    """Engine.from_settings (the app's engine) leaves numpy's and FAISS's OpenBLAS on one thread: their
+    idle threads spin after each small product and take the cores every other step of a request needs."""
+    import threadpoolctl
+
+    from dino_demo.config import Settings
+
+    _, embedder, index = indexed
+    blas = lambda: [lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]  # noqa: E731
+    before = threadpoolctl.threadpool_limits(2, user_api="blas")  # as numpy starts on a machine of 2 or more cores
+    try:
+        assert blas()  # numpy's OpenBLAS at least
+        Engine.from_settings(Settings(), embedder, index, FaceGate(detector=no_faces))
+        assert set(blas()) == {1}
+    finally:
+        before.restore_original_limits()
