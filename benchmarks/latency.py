@@ -8,7 +8,9 @@ so it runs offline. The app runs as its own process (`python app.py`, real face 
 p95 in ms of: load (decode + face gate), embed, search, draw, total (inside the engine) and round
 trip (client to client, with uploads and the queue). With `--baseline REV` the app of commit REV
 (a git worktree) runs beside it with the same settings, calls alternate between the two, and the
-ratio of their round trips is printed: these machines are too noisy to compare runs made apart.
+ratio of their round trips is printed: these machines are too noisy to compare runs made apart. Each call
+starts `--gap` ms after the one before (0.2 s), so that an app's leftover work (threads still spinning after a
+call) falls on no call of the other app.
 With `--shared-tls` the clients get one TLS context to reuse (`Client(url, ssl_verify=ssl_context)`):
 by default gradio_client builds a new one for each request it sends, ≈ 20 ms of CPU each, three per
 call, even over plain http://.
@@ -20,7 +22,7 @@ Its round trips are printed without the wait. This is where an upload prepared e
 shows; a client on the app's own two cores instead takes those cores while the app prepares.
 
     python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--shared-tls]
-                                 [--think MS] [--endpoints /search_image,...]
+                                 [--think MS] [--gap MS] [--endpoints /search_image,...]
 """
 from __future__ import annotations
 
@@ -136,13 +138,15 @@ def served(client) -> set[str]:
     return set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
 
 
-def measure(calls_by_app: dict, clients: dict, runs: int) -> dict[str, dict[str, list[float]]]:
-    """Per app, each step's times; the apps' calls alternate so that noise falls on both alike."""
+def measure(calls_by_app: dict, clients: dict, runs: int, gap: float = 0.0) -> dict[str, dict[str, list[float]]]:
+    """Per app, each step's times; the apps' calls alternate so that noise falls on both alike, each `gap`
+    seconds after the one before."""
     times = {name: {step: [] for step in (*STEPS, "per_frame")} for name in calls_by_app}
     for call in calls_by_app.values():
         call(0)  # warm-up: first-call allocations, MediaPipe graph loading
     for i in range(1, runs + 1):
         for name, call in calls_by_app.items():
+            time.sleep(gap)
             started, waited = time.perf_counter(), getattr(clients[name], "waited", 0.0)
             result = call(i)
             waited = getattr(clients[name], "waited", 0.0) - waited
@@ -161,13 +165,14 @@ def report(clients: dict, clip: Path, args) -> None:
 
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
           f"{torch.get_num_threads()} threads, "
-          f"{client_kind(args)}; "
+          f"{client_kind(args)}, calls {args.gap:.0f} ms apart; "
           "ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
     for endpoint in args.endpoints.split(","):
         apps = {name: client for name, client in clients.items() if endpoint in served(client)}
         runs = args.clip_runs if endpoint.endswith("video") else args.runs
-        times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, apps, runs)
+        times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, apps, runs,
+                        args.gap / 1000)
         for name, steps in times.items():
             cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
                      for v in (steps[s] for s in STEPS)]
@@ -187,6 +192,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated, of: " + ", ".join(ENDPOINTS))
+    p.add_argument("--gap", type=float, default=200, metavar="MS", help="pause before each call (0.2 s)")
     p.add_argument("--shared-tls", action="store_true", help="give each client one TLS context to reuse")
     p.add_argument("--think", type=float, metavar="MS",
                    help="plain HTTP instead, waiting MS between the files and the call (a client elsewhere)")
