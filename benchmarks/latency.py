@@ -6,11 +6,12 @@ second), and its seconds per analysed frame are printed as well.
 Uses a ViT-S/16-sized model with random weights (same compute as facebook/dino-vits16 at 224 px),
 so it runs offline. The app runs as its own process (`python app.py`, real face gate). Prints p50 /
 p95 in ms of: load (decode + face gate), embed, search, draw, total (inside the engine) and round
-trip (client to client, with uploads and the queue). With `--baseline REV` the app of commit REV
-(a git worktree) runs beside it with the same settings, calls alternate between the two, and the
-ratio of their round trips is printed: these machines are too noisy to compare runs made apart. Each call
-starts `--gap` ms after the one before (0.2 s), so that an app's leftover work (threads still spinning after a
-call) falls on no call of the other app.
+trip (client to client, with uploads and the queue), and the CPU the app's whole process used per
+call (its threads' work on the call and whatever they kept doing until the next one). With
+`--baseline REV` the app of commit REV (a git worktree) runs beside it with the same settings, calls
+alternate between the two, and the ratio of their round trips is printed: these machines are too
+noisy to compare runs made apart. Each call starts `--gap` ms after the one before (0.2 s), so that
+an app's leftover work (threads still spinning after a call) falls on no call of the other app.
 With `--shared-tls` the clients get one TLS context to reuse (`Client(url, ssl_verify=ssl_context)`):
 by default gradio_client builds a new one for each request it sends, ≈ 20 ms of CPU each, three per
 call, even over plain http://.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import subprocess
 import sys
@@ -138,12 +140,24 @@ def served(client) -> set[str]:
     return set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
 
 
-def measure(calls_by_app: dict, clients: dict, runs: int, gap: float = 0.0) -> dict[str, dict[str, list[float]]]:
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds used so far by process `pid` (Linux), 0 where that cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(calls_by_app: dict, clients: dict, runs: int, gap: float = 0.0,
+            pids: dict | None = None) -> dict[str, dict[str, list[float]]]:
     """Per app, each step's times; the apps' calls alternate so that noise falls on both alike, each `gap`
-    seconds after the one before."""
-    times = {name: {step: [] for step in (*STEPS, "per_frame")} for name in calls_by_app}
+    seconds after the one before. With the apps' `pids`, "server_cpu" holds each one's CPU ms per call."""
+    times = {name: {step: [] for step in (*STEPS, "per_frame", "server_cpu")} for name in calls_by_app}
     for call in calls_by_app.values():
         call(0)  # warm-up: first-call allocations, MediaPipe graph loading
+    pids = pids or {}
+    cpu = {name: cpu_seconds(pids.get(name)) for name in calls_by_app}
     for i in range(1, runs + 1):
         for name, call in calls_by_app.items():
             time.sleep(gap)
@@ -155,10 +169,13 @@ def measure(calls_by_app: dict, clients: dict, runs: int, gap: float = 0.0) -> d
                 times[name][step].append(ms)
             if "seconds_per_frame" in result:
                 times[name]["per_frame"].append(result["seconds_per_frame"] * 1000)
+    time.sleep(gap)  # the last call's aftermath, as every other call's was counted
+    for name in pids.keys() & calls_by_app.keys():
+        times[name]["server_cpu"].append((cpu_seconds(pids[name]) - cpu[name]) * 1000 / runs)
     return times
 
 
-def report(clients: dict, clip: Path, args) -> None:
+def report(clients: dict, clip: Path, args, pids: dict | None = None) -> None:
     """Measures every endpoint on each app that serves it and prints the table."""
     import torch
     from gradio_client import handle_file
@@ -172,11 +189,13 @@ def report(clients: dict, clip: Path, args) -> None:
         apps = {name: client for name, client in clients.items() if endpoint in served(client)}
         runs = args.clip_runs if endpoint.endswith("video") else args.runs
         times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, apps, runs,
-                        args.gap / 1000)
+                        args.gap / 1000, pids)
         for name, steps in times.items():
             cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
                      for v in (steps[s] for s in STEPS)]
             print(f"{endpoint:<16}{name:<5}" + "".join(f"{c:>16}" for c in cells))
+            if steps["server_cpu"]:
+                print(f"{endpoint:<16}{name:<5}server CPU per call: {steps['server_cpu'][0]:.0f} ms")
             if steps["per_frame"]:
                 print(f"{endpoint:<16}{name:<5}ms per analysed frame p50 / p95: "
                       f"{np.percentile(steps['per_frame'], 50):.1f} / {np.percentile(steps['per_frame'], 95):.1f}")
@@ -209,7 +228,7 @@ def main() -> int:
             tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
             clients = {name: ThinkingClient(url, args.think / 1000) if args.think is not None else
                        Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
-            report(clients, write_clip(Path(tmp) / "clip.mp4"), args)
+            report(clients, write_clip(Path(tmp) / "clip.mp4"), args, dict(zip(urls, (p.pid for p in processes))))
         finally:
             for process in processes:  # the apps stop with the benchmark, even one cut short
                 process.terminate()
