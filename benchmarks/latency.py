@@ -7,11 +7,12 @@ Uses a ViT-S/16-sized model with random weights (same compute as facebook/dino-v
 so it runs offline. The app runs as its own process (`python app.py`, real face gate). Prints p50 /
 p95 in ms of: load (decode + face gate), embed, search, draw, total (inside the engine) and round
 trip (client to client, with uploads and the queue), and the CPU the app's whole process used per
-call (its threads' work on the call and whatever they kept doing until the next one). With
+call (its threads' work on the call and all they did until the next call, the gap included). With
 `--baseline REV` the app of commit REV (a git worktree) runs beside it with the same settings, calls
 alternate between the two, and the ratio of their round trips is printed: these machines are too
 noisy to compare runs made apart. Each call starts `--gap` ms after the one before (0.2 s), so that
-an app's leftover work (threads still spinning after a call) falls on no call of the other app.
+an app's leftover work (threads still spinning after a call) falls on no call of the other app and
+is counted in its own CPU.
 With `--shared-tls` the clients get one TLS context to reuse (`Client(url, ssl_verify=ssl_context)`):
 by default gradio_client builds a new one for each request it sends, ≈ 20 ms of CPU each, three per
 call, even over plain http://.
@@ -152,26 +153,28 @@ def cpu_seconds(pid: int | None) -> float:
 def measure(calls_by_app: dict, clients: dict, runs: int, gap: float = 0.0,
             pids: dict | None = None) -> dict[str, dict[str, list[float]]]:
     """Per app, each step's times; the apps' calls alternate so that noise falls on both alike, each `gap`
-    seconds after the one before. With the apps' `pids`, "server_cpu" holds each one's CPU ms per call."""
+    seconds after the one before. With the apps' `pids`, "server_cpu" holds each one's mean CPU ms per
+    call: from the call's start to the next call's, so the gap after it (its aftermath) is counted."""
     times = {name: {step: [] for step in (*STEPS, "per_frame", "server_cpu")} for name in calls_by_app}
     for call in calls_by_app.values():
         call(0)  # warm-up: first-call allocations, MediaPipe graph loading
-    pids = pids or {}
-    cpu = {name: cpu_seconds(pids.get(name)) for name in calls_by_app}
+    pids, cpu = pids or {}, {name: 0.0 for name in calls_by_app}
+    time.sleep(gap)
     for i in range(1, runs + 1):
         for name, call in calls_by_app.items():
-            time.sleep(gap)
+            cpu_before = cpu_seconds(pids.get(name))
             started, waited = time.perf_counter(), getattr(clients[name], "waited", 0.0)
             result = call(i)
             waited = getattr(clients[name], "waited", 0.0) - waited
             times[name]["round_trip"].append((time.perf_counter() - started - waited) * 1000)
+            time.sleep(gap)
+            cpu[name] += cpu_seconds(pids.get(name)) - cpu_before
             for step, ms in result["timings_ms"].items():
                 times[name][step].append(ms)
             if "seconds_per_frame" in result:
                 times[name]["per_frame"].append(result["seconds_per_frame"] * 1000)
-    time.sleep(gap)  # the last call's aftermath, as every other call's was counted
     for name in pids.keys() & calls_by_app.keys():
-        times[name]["server_cpu"].append((cpu_seconds(pids[name]) - cpu[name]) * 1000 / runs)
+        times[name]["server_cpu"].append(cpu[name] * 1000 / runs)
     return times
 
 
@@ -211,7 +214,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--baseline", metavar="REV", help="also run the app of this commit, side by side")
     p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated, of: " + ", ".join(ENDPOINTS))
-    p.add_argument("--gap", type=float, default=200, metavar="MS", help="pause before each call (0.2 s)")
+    p.add_argument("--gap", type=float, default=200, metavar="MS", help="pause after each call (0.2 s)")
     p.add_argument("--shared-tls", action="store_true", help="give each client one TLS context to reuse")
     p.add_argument("--think", type=float, metavar="MS",
                    help="plain HTTP instead, waiting MS between the files and the call (a client elsewhere)")
