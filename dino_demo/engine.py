@@ -48,7 +48,7 @@ FRAME_SIDE = 512
 def blas_on_one_thread() -> None:
     """numpy's and FAISS's BLAS (OpenBLAS) run each matrix product on one thread, process-wide. A request's
     products are small (a region's re-ranking, patch matching, PCA colours), and after each one the idle
-    BLAS threads spin for about 0.1 s: a region search took 183 ms of the server's CPU with them, 89 ms
+    BLAS threads spin for about 0.1 s: a region search took 183 ms of the server's CPU with them, 97 ms
     without, on the two cores the client, Gradio, the face gate and ONNX Runtime share."""
     threadpoolctl.threadpool_limits(1, user_api="blas")
 
