@@ -75,6 +75,9 @@ QUERY_LABEL = "Query image: upload, paste or take a photo"
 EVENT_OPTIONS = {"preprocess": False, "concurrency_id": "engine"}
 BOX_CORNERS = ("x0", "y0", "x1", "y1")
 UPLOAD_ROUTE = "/gradio_api/upload"  # where Gradio takes the files a client sends before its request
+# Result pictures go out as JPEG (a tenth of a ms to encode; WebP took ~4 ms a picture); gallery_of encodes
+# a gallery's drawn pictures itself, in the format the components are given.
+PICTURE_FORMAT = "jpeg"
 
 
 # --- turning Gradio payloads into plain values ---------------------------------------------------
@@ -174,7 +177,7 @@ def gallery_of(results: SearchResults) -> list[tuple]:
     stored is its own file, not decoded and encoded again; a drawn one is encoded here, as Gradio would."""
     cache = gr_utils.get_upload_folder()
     return [(processing_utils.save_bytes_to_cache(item.jpeg, f"result-{item.id}.jpg", cache) if item.jpeg else
-             processing_utils.save_pil_to_cache(item.picture, cache, f"result-{item.id}", format="jpeg"),
+             processing_utils.save_pil_to_cache(item.picture, cache, f"result-{item.id}", format=PICTURE_FORMAT),
              item.caption) for item in results.items]
 
 
@@ -363,7 +366,7 @@ def image_tab(handlers: Handlers, settings: Settings) -> None:
                 notice = refusal_notice("image-notice")
                 gallery = gr.Gallery(label="Most similar images (click one to search with it)", columns=3,
                                      height=540, allow_preview=False, object_fit="contain", elem_id="image-results",
-                                     format="jpeg")  # JPEG encodes in a tenth of a ms; WebP took ~4 ms a picture
+                                     format=PICTURE_FORMAT)
                 result_json = json_accordion("Results", "image-json")
         ids = gr.State([])
         with gr.Row(visible=False):  # the API-only /search_image, so that the page's button can show refusals
@@ -392,7 +395,7 @@ def region_tab(handlers: Handlers, settings: Settings) -> None:
             with gr.Column(scale=3):
                 notice = refusal_notice("region-notice")
                 gallery = gr.Gallery(label="Images holding a similar region (boxed)", columns=3,
-                                     height=540, object_fit="contain", elem_id="region-results", format="jpeg")
+                                     height=540, object_fit="contain", elem_id="region-results", format=PICTURE_FORMAT)
                 result_json = json_accordion("Results with boxes", "region-json")
         with gr.Row(visible=False):  # inputs of the API-only /search_region: an image and four numbers
             api_image, api_box = gr.Image(type="filepath", label="image"), box_numbers()
@@ -419,14 +422,14 @@ def match_tab(handlers: Handlers) -> None:
                     inputs=[drawn_a, image_b], label="Example pairs")
         notice = refusal_notice("match-notice")
         picture = gr.Image(label="Matching patches (red: strongest, blue: weakest)", type="pil",
-                           interactive=False, format="jpeg", elem_id="match-picture")
+                           interactive=False, format=PICTURE_FORMAT, elem_id="match-picture")
         summary = gr.Textbox(label="Summary", interactive=False, elem_id="match-summary")
         result_json = json_accordion("Matched point pairs (x, y in each image's pixels)", "match-json")
         with gr.Accordion("Co-segmentation: the parts of A and B that agree, coloured alike", open=False):
             parts_button = gr.Button("Colour the parts that agree", elem_id="co-segment")
             parts_notice = refusal_notice("parts-notice")
             parts = gr.Image(label="Parts that agree (one colour basis fitted on both images; the rest greyed)",
-                             type="pil", interactive=False, format="jpeg", elem_id="parts-picture")
+                             type="pil", interactive=False, format=PICTURE_FORMAT, elem_id="parts-picture")
             parts_json = json_accordion("Masks of the agreeing parts", "parts-json")
         with gr.Row(visible=False):  # inputs of the API-only /match_patches and /co_segment
             api_a, api_b = gr.Image(type="filepath", label="image_a"), gr.Image(type="filepath", label="image_b")
@@ -463,12 +466,12 @@ def sight_tab(handlers: Handlers, settings: Settings) -> None:
             with gr.Column(scale=3):
                 notice = refusal_notice("sees-notice")
                 maps = gr.Image(label="Where the CLS token looks: each head of the last layer, and their mean",
-                                type="pil", interactive=False, format="jpeg", elem_id="sees-maps")
+                                type="pil", interactive=False, format=PICTURE_FORMAT, elem_id="sees-maps")
                 with gr.Row():
-                    mask = gr.Image(label="Object mask", type="pil", interactive=False, format="jpeg",
+                    mask = gr.Image(label="Object mask", type="pil", interactive=False, format=PICTURE_FORMAT,
                                     elem_id="sees-mask")
                     colours = gr.Image(label="Feature colours (PCA; background greyed)", type="pil",
-                                       interactive=False, format="jpeg", elem_id="sees-colours")
+                                       interactive=False, format=PICTURE_FORMAT, elem_id="sees-colours")
                 result_json = json_accordion("Mask: box, share and run-length encoding per part", "sees-json")
         with gr.Row():
             with gr.Column(scale=2):
