@@ -8,9 +8,9 @@ soon as it lands, and the request that names it takes the result (`Uploads.take`
 Only spare time is used. Nothing begins while a request is being served, and a request that finds its
 file's work not yet started does that work itself (the early run is dropped), so the work is never done
 twice and never waits in a line. A face, or an image that cannot be loaded, is found early too: the
-request raises the same error it would have raised (a clip or a huge image is left to its request). Entries are kept for later requests on the same file (a
-region search redrawn): at most `capacity` of them, each of at most `max_pixels`, the least recently
-begun or taken dropped first.
+request raises the same error it would have raised (a clip or a huge image is left to its request).
+Entries are kept for later requests on the same file (a region search redrawn): at most `capacity` of
+them, each of at most `max_pixels`, the least recently begun or taken dropped first.
 """
 from __future__ import annotations
 
