@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .faces import ALL_TURNS, MAX_SIDE, FaceCheck, FaceGate, Found, ViewRequest, face_check, find_faces, gate_view
+from .faces import ALL_TURNS, FaceCheck, FaceGate, Found, ViewRequest, face_check, find_faces, gate_view, work_size
 from .geometry import Box
-from .images import picture_size, resize_picture, thumbnail_size
+from .images import picture_size, resize_picture
 
 BACKENDS = ("auto", "mediapipe", "torch")
 NMS_IOU = 0.3  # NonMaxSuppressionCalculator: min_suppression_threshold, IoU, WEIGHTED
@@ -289,8 +289,14 @@ class TorchFaceGate(FaceGate):
 
 
 def tensor_gate_view(picture: torch.Tensor) -> torch.Tensor:
-    """`faces.gate_view` of a (3, H, W) uint8 tensor, where it lies: (h, w, 3), shrunk to MAX_SIDE if larger."""
-    return resize_picture(picture, thumbnail_size(picture_size(picture), MAX_SIDE), "bilinear").permute(1, 2, 0)
+    """`faces.gate_view` of a (3, H, W) uint8 tensor, where it lies: (h, w, 3), shrunk as `work_size` says:
+    by a whole factor as PIL's `reduce` does (the mean of each block, the edge's partial blocks included;
+    PIL's fixed-point sums can round one level apart), or resampled."""
+    size, factor = work_size(picture_size(picture))
+    if factor > 1:
+        mean = torch.nn.functional.avg_pool2d(picture[None].float(), factor, ceil_mode=True)[0]
+        return mean.add_(0.5).floor_().to(torch.uint8).permute(1, 2, 0)
+    return resize_picture(picture, size, "bilinear").permute(1, 2, 0)
 
 
 def _turned(size: tuple[int, int], turn: int) -> tuple[int, int]:

@@ -15,12 +15,14 @@ from PIL import Image
 
 from .errors import UserError
 from .geometry import Box
+from .images import thumbnail_size
 from .quiet import silenced_output
 
 Found = list[tuple[Box, float]]  # (box in the array's pixels, score)
 Detector = Callable[[np.ndarray], Found]  # (h, w, 3) uint8 RGB -> faces
 
 MAX_SIDE = 2048  # larger images are shrunk first, for speed
+REDUCED_SLACK = 0.9  # a shrink by a whole factor may land this far under MAX_SIDE (work_size)
 UPRIGHT, ALL_TURNS = (0,), (0, 90, 270, 180)  # sideways first: a photo on its side is the likelier slip
 _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 TILE = 512  # the full-range model finds faces of 10% of its view reliably: 51 px in a 512 px tile
@@ -170,11 +172,28 @@ def _merge(found: Found) -> Found:
     return kept
 
 
+def work_size(size: tuple[int, int]) -> tuple[tuple[int, int], int]:
+    """The size (w, h) the gate checks an image of `size` at, and the whole factor it is shrunk by to get
+    there (1: resampled to MAX_SIDE, or not shrunk). A whole factor averages blocks of pixels, six times
+    quicker than resampling a phone's photo; it is taken where it lands within REDUCED_SLACK of MAX_SIDE
+    (4032 px: 2016, 5712 px: 1904), so the smallest face the tiles find stays as small."""
+    longest = max(size)
+    if longest <= MAX_SIDE:
+        return size, 1
+    factor = math.ceil(longest / MAX_SIDE)
+    if longest / factor >= REDUCED_SLACK * MAX_SIDE:
+        return (math.ceil(size[0] / factor), math.ceil(size[1] / factor)), factor
+    return thumbnail_size(size, MAX_SIDE), 1
+
+
 def gate_view(image: Image.Image) -> Image.Image:
-    """The RGB picture the detectors see: larger images are shrunk to MAX_SIDE first, for speed."""
-    work = image.convert("RGB")
-    work.thumbnail((MAX_SIDE, MAX_SIDE), Image.BILINEAR)
-    return work
+    """The RGB picture the detectors see: larger images shrunk (`work_size`) first, for speed. Not a copy
+    where nothing needs changing: the gate only reads it."""
+    work = image if image.mode == "RGB" else image.convert("RGB")
+    size, factor = work_size(work.size)
+    if factor > 1:
+        return work.reduce(factor)
+    return work if size == work.size else work.resize(size, Image.BILINEAR, reducing_gap=2.0)
 
 
 def face_check(found: Found, turn: int, work_size: tuple[int, int], image_size: tuple[int, int],

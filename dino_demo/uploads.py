@@ -10,7 +10,8 @@ file's work not yet started does that work itself (the early run is dropped), so
 twice and never waits in a line. A face, or an image that cannot be loaded, is found early too: the
 request raises the same error it would have raised (a clip or a huge image is left to its request).
 Entries are kept for later requests on the same file (a region search redrawn): at most `capacity` of
-them, each of at most `max_pixels`, the least recently begun or taken dropped first.
+them and `max_pixels` in all (the memory of eight 12-megapixel photos: a phone's 24 or 48 megapixels are
+prepared too, in fewer entries), the least recently begun or taken dropped first.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ Key = tuple[str, int, int]  # (resolved path, bytes, modification time in ns): a
 class Uploads:
     """Prepares uploaded image files in one background thread; `prepare` is the work (load, gate, embed)."""
 
-    def __init__(self, prepare: Callable[[str], Prepared], capacity: int = 8, max_pixels: int = 12_000_000):
+    def __init__(self, prepare: Callable[[str], Prepared], capacity: int = 8, max_pixels: int = 96_000_000):
         self._prepare, self.capacity, self.max_pixels = prepare, capacity, max_pixels
         self._entries: OrderedDict[Key, Future] = OrderedDict()  # least recently begun or taken first
+        self._pixels: dict[Key, int] = {}  # of each entry whose work has started
         self._lock = threading.Lock()
         self._serving = 0  # requests under way: while any is, nothing begins
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="prepare-upload")
@@ -57,7 +59,7 @@ class Uploads:
             if self._serving or key in self._entries:
                 return False
             self._make_room()
-            self._entries[key] = self._pool.submit(self._run, key[0])
+            self._entries[key] = self._pool.submit(self._run, key)
             return True
 
     def take(self, source) -> Prepared | None:
@@ -69,7 +71,7 @@ class Uploads:
             if future is None:
                 return None
             if future.cancel():  # not started: the request is quicker doing it itself
-                del self._entries[key]
+                self._drop(key)
                 return None
             self._entries.move_to_end(key)
         try:
@@ -88,25 +90,38 @@ class Uploads:
             with self._lock:
                 self._serving -= 1
 
-    def _run(self, path: str) -> Prepared | None:
-        """The work, on an image of at most max_pixels; anything else is left to its request, which says
-        what is wrong with it in its own words."""
+    def _run(self, key: Key) -> Prepared | None:
+        """The work, on an image of at most max_pixels, once the others' fit beside it; anything else is
+        left to its request, which says what is wrong with it in its own words."""
         try:
-            with Image.open(path) as probe:  # the header only
-                if probe.width * probe.height > self.max_pixels:
-                    return None
+            with Image.open(key[0]) as probe:  # the header only
+                pixels = probe.width * probe.height
         except Exception:  # noqa: BLE001  (not an image Pillow knows: a clip, a corrupt file)
             return None
-        return self._prepare(path)
+        if pixels > self.max_pixels:
+            return None
+        with self._lock:
+            self._pixels[key] = pixels
+            for other in list(self._entries):  # the one thread runs this entry only: the others wait or are done
+                if sum(self._pixels.values()) <= self.max_pixels:
+                    break
+                if other != key:
+                    self._drop(other)
+        return self._prepare(key[0])
 
     def _make_room(self) -> None:
         """Drops the least recently begun or taken entries, bar the one under way, until one more fits
-        (lock held); a dropped entry not yet started never starts."""
+        (lock held)."""
         for key in list(self._entries):
             if len(self._entries) < self.capacity:
                 return
             if not self._entries[key].running():
-                self._entries.pop(key).cancel()
+                self._drop(key)
+
+    def _drop(self, key: Key) -> None:
+        """Forgets an entry (lock held); one not yet started never starts. A request that took it keeps it."""
+        self._entries.pop(key).cancel()
+        self._pixels.pop(key, None)
 
 
 def _key(path) -> Key | None:

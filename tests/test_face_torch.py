@@ -9,12 +9,13 @@ import cv2
 import numpy as np
 import pytest
 from matplotlib import cbook
+import torch
 from PIL import Image
 
 from conftest import write_imagefolder
 from dino_demo.face_torch import (MODELS, TorchFaceDetector, TorchFaceGate, View, gate_factory, gate_needs_spawn,
-                                  make_anchors, sample_views, upload, weighted_nms)
-from dino_demo.faces import FaceGate, MediaPipeDetector, ViewRequest, _detect, crop_black
+                                  make_anchors, sample_views, tensor_gate_view, upload, weighted_nms)
+from dino_demo.faces import FaceGate, MediaPipeDetector, ViewRequest, _detect, crop_black, gate_view, work_size
 from index_builder.build import BuildOptions, build_index
 from index_builder.source import open_source
 from test_faces import make_face_free_images
@@ -142,6 +143,16 @@ def test_a_batch_checks_as_one_image_at_a_time(portrait):
     gate = TorchFaceGate()
     images = [portrait.transpose(TURNS[90]), make_face_free_images()["gradient"]]
     assert gate.check_many(images) == [gate.check(image) for image in images]
+
+
+def test_a_picture_on_the_gpu_path_is_shrunk_as_pil_shrinks_it():
+    rng = np.random.default_rng(0)
+    for size in [(4033, 3025), (5712, 4284), (3000, 2000)]:  # whole factors 2 and 3 (odd edges), resampled
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        want = np.asarray(gate_view(Image.fromarray(array))).astype(int)
+        got = tensor_gate_view(torch.from_numpy(array).permute(2, 0, 1)).numpy().astype(int)
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() <= (1 if work_size(size)[1] > 1 else 2)  # PIL's fixed-point means round
 
 
 def test_weighted_nms_averages_overlapping_boxes_by_score():

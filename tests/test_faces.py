@@ -11,7 +11,7 @@ import pytest
 from matplotlib import cbook
 from PIL import Image, ImageDraw
 
-from dino_demo.faces import UPRIGHT, FaceCheck, FaceGate, FaceRefused, NoFaceGate
+from dino_demo.faces import UPRIGHT, FaceCheck, FaceGate, FaceRefused, NoFaceGate, gate_view, work_size
 from dino_demo.geometry import Box
 
 COLLECTION = Path(__file__).resolve().parents[1] / "assets" / "collection"
@@ -67,6 +67,36 @@ def test_small_face_in_a_large_image_is_found(gate, portrait, background, where)
     assert len(check.boxes) == 1
     face = tuple(v / 4 + where[i % 2] for i, v in enumerate(GRACE_FACE))
     assert centre_inside(check.boxes[0], face)
+
+
+def test_a_small_face_in_a_phone_sized_photo_is_found(gate, portrait):
+    # 4032 x 3024 is checked at 2016 x 1512 (blocks of 2 x 2 averaged): the face, ~97 px here, is ~49 there.
+    canvas = Image.new("RGB", (4032, 3024), (128, 128, 128))
+    canvas.paste(portrait.resize((256, 300), Image.LANCZOS), (1400, 1040))  # across tile seams
+    check = gate.check(canvas)
+    assert len(check.boxes) == 1
+    assert centre_inside(check.boxes[0], tuple(v / 2 + (1400, 1040)[i % 2] for i, v in enumerate(GRACE_FACE)))
+
+
+@pytest.mark.parametrize("size, work", [
+    ((512, 600), ((512, 600), 1)), ((2048, 1536), ((2048, 1536), 1)),  # small enough already
+    ((4032, 3024), ((2016, 1512), 2)), ((3024, 4032), ((1512, 2016), 2)), ((5712, 4284), ((1904, 1428), 3)),
+    ((8064, 6048), ((2016, 1512), 4)), ((4033, 3025), ((2017, 1513), 2)),  # phones; a whole factor
+    ((3000, 2000), ((2048, 1365), 1)), ((5000, 3000), ((2048, 1229), 1)),  # a whole factor would land too small
+])
+def test_phone_photos_are_shrunk_by_a_whole_factor_where_it_lands_near_the_largest_side(size, work):
+    assert work_size(size) == work
+
+
+def test_gate_view_averages_blocks_of_a_phone_photo_resamples_others_and_copies_nothing_it_need_not():
+    rng = np.random.default_rng(0)
+    phone = Image.fromarray(rng.integers(0, 256, (3025, 4033, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(gate_view(phone)), np.asarray(phone.reduce(2)))
+    camera = Image.fromarray(rng.integers(0, 256, (2000, 3000, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(gate_view(camera)), np.asarray(camera.resize((2048, 1365), Image.BILINEAR)))
+    small = Image.fromarray(rng.integers(0, 256, (600, 512, 3), dtype=np.uint8))
+    assert gate_view(small) is small
+    assert gate_view(small.convert("L")).mode == "RGB"
 
 
 def make_face_free_images() -> dict[str, Image.Image]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, make_image
 from dino_demo.errors import HubUnreachable
 from dino_demo.hub import hub_reachable
-from dino_demo.model import Embedder
+from dino_demo.model import Embedder, prepare_image
 
 
 @pytest.mark.parametrize("fixture, grid, dim", [("tiny_vit", (4, 4), 32), ("tiny_dinov2", (4, 4), 32),
@@ -46,6 +46,21 @@ def test_a_batch_gives_the_same_features_as_one_by_one(embedder):
     single = [embedder.embed([im]) for im in images]
     np.testing.assert_allclose(batched.cls, np.concatenate([s.cls for s in single]), atol=1e-5)
     np.testing.assert_allclose(batched.patches, np.concatenate([s.patches for s in single]), atol=1e-5)
+
+
+def test_a_phone_photo_is_shrunk_by_blocks_first_and_keeps_its_features(embedder):
+    from PIL import Image
+
+    size = embedder.input_size
+    small, phone = make_image(1, (3 * size, 2 * size)), make_image(1, (63 * size, 45 * size))  # 4032 x 2880
+    whole = lambda im: np.asarray(im.resize((size, size), Image.Resampling.BICUBIC))  # noqa: E731
+    np.testing.assert_array_equal(prepare_image(small, size), whole(small))  # up to 3x the input: as before
+    blocks = np.asarray(phone.reduce((21, 15)).resize((size, size), Image.Resampling.BICUBIC))  # 3x the input
+    np.testing.assert_array_equal(prepare_image(phone, size), blocks)
+    assert np.abs(blocks.astype(int) - whole(phone)).mean() < 1  # a level or two here and there
+    prepared, resampled = (embedder.embed_prepared(p[None], [phone.size]) for p in (blocks, whole(phone)))
+    assert prepared.cls[0] @ resampled.cls[0] >= 0.999
+    assert np.einsum("npd,npd->np", prepared.patches, resampled.patches).min() >= 0.99
 
 
 def test_different_images_give_different_features(embedder):

@@ -154,6 +154,21 @@ def test_room_is_made_by_dropping_the_least_recently_used_entry_but_never_the_on
     assert work.done == [photos[0], photos[2], photos[3]]
 
 
+def test_room_is_made_for_a_large_photo_by_dropping_as_many_as_its_pixels_need(photos, tmp_path):
+    work = Recorder()
+    uploads = Uploads(work, capacity=8, max_pixels=3 * 80 * 60)  # three photos' worth, or one twice as large
+    large = tmp_path / "large.jpg"
+    make_image(7, (120, 80)).save(large)  # twice a photo's pixels
+    for photo in photos[:3]:
+        assert uploads.begin(photo)
+    wait_for(lambda: len(work.done) == 3, "three photos prepared")
+    assert uploads.take(photos[0]) is not None  # p0 is now the most recently used
+    assert uploads.begin(str(large))
+    wait_for(lambda: len(work.done) == 4, "the large photo prepared")
+    assert uploads.take(photos[1]) is None and uploads.take(photos[2]) is None  # dropped, least recent first
+    assert uploads.take(photos[0]) is not None and uploads.take(str(large)) is not None
+
+
 def test_a_changed_file_is_not_taken_for_the_old_one(photos):
     uploads = Uploads(Recorder())
     assert uploads.begin(photos[0])
