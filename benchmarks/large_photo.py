@@ -1,7 +1,7 @@
 """What a phone-sized photo costs the app before any search: decoding, the face gate and the embedding.
 
-The shipped photos are 512 px wide; a phone's are 4,000 px or more. This enlarges a shipped photo to
-each `--widths` (4:3, with grain so the JPEG has a phone's size), and times, as the app's engine runs
+The shipped photos are 512 px wide; a phone's are 4,000 px or more. This enlarges a shipped 4:3 photo to
+each `--widths` (with grain, so the JPEG has a phone's size), and times, as the app's engine runs
 them on 2 cores: `load_image` (decode), the face gate (`FaceGate(workers=2)`, its four turns side by
 side; its `gate_view` step alone as well), `prepare_image` (the resize to the model's input) and the
 model itself (ViT-S/16-sized, random weights, ONNX int8 as the app runs it), and their sum: what an
@@ -28,12 +28,13 @@ from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when r
 PHOTO = ROOT / "assets" / "collection" / "mate-red-marigold.jpg"
 
 
-def phone_photo(width: int, seed: int = 0) -> bytes:
-    """A JPEG (quality 90) of the shipped photo enlarged to `width` x 3/4 width, with a sensor's grain."""
+def phone_photo(width: int, seed: int = 0, source: Path = PHOTO) -> bytes:
+    """A JPEG (quality 90) of a shipped photo enlarged to `width` px wide, with a sensor's grain."""
     from PIL import Image
 
-    size = (width, width * 3 // 4)
-    photo = Image.open(PHOTO).convert("RGB").resize(size, Image.Resampling.BICUBIC)
+    photo = Image.open(source).convert("RGB")
+    size = (width, round(width * photo.height / photo.width))
+    photo = photo.resize(size, Image.Resampling.BICUBIC)
     grain = np.random.default_rng(seed).integers(-12, 13, (size[1], size[0], 3), dtype=np.int16)
     photo = Image.fromarray(np.clip(np.asarray(photo, np.int16) + grain, 0, 255).astype(np.uint8))
     out = io.BytesIO()

@@ -23,8 +23,11 @@ as every user of a hosted Space is, whose own work (or a person choosing a butto
 Its round trips are printed without the wait. This is where an upload prepared early (dino_demo/uploads.py)
 shows; a client on the app's own two cores instead takes those cores while the app prepares.
 
+With `--photo-width PX` the photos sent are the shipped ones enlarged to PX wide with grain: a phone's
+JPEGs (4032: 12 megapixels, ≈ 3 MB each), instead of the shipped 512 px ones.
+
     python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--shared-tls]
-                                 [--think MS] [--gap MS] [--endpoints /search_image,...]
+                                 [--think MS] [--gap MS] [--photo-width PX] [--endpoints /search_image,...]
 """
 from __future__ import annotations
 
@@ -83,9 +86,21 @@ def start_apps(model: Path, tmp: Path, device: str, baseline: str | None, proces
     return urls
 
 
-def calls(client, handle_file, clip: Path) -> dict:
-    """One call per endpoint, cycling through the collection so no two calls in a row are the same."""
-    files = sorted(COLLECTION.glob("*.jpg"))
+def phone_photos(width: int, folder: Path) -> list[Path]:
+    """The collection's photos as a phone would send them: `width` px wide, JPEG, with grain."""
+    from large_photo import phone_photo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, photo in enumerate(sorted(COLLECTION.glob("*.jpg"))):
+        paths.append(folder / photo.name)
+        paths[-1].write_bytes(phone_photo(width, seed=i, source=photo))
+    return paths
+
+
+def calls(client, handle_file, clip: Path, photos: list[Path] | None = None) -> dict:
+    """One call per endpoint, cycling through the collection (or `photos`) so no two calls in a row are the same."""
+    files = photos or sorted(COLLECTION.glob("*.jpg"))
     pick = lambda i: handle_file(str(files[i % len(files)]))  # noqa: E731
     return {
         "/co_segment": lambda i: client.predict(pick(i), pick(i + 1), api_name="/co_segment")[1],
@@ -178,21 +193,23 @@ def measure(calls_by_app: dict, clients: dict, runs: int, gap: float = 0.0,
     return times
 
 
-def report(clients: dict, clip: Path, args, pids: dict | None = None) -> None:
+def report(clients: dict, clip: Path, args, pids: dict | None = None, photos: list[Path] | None = None) -> None:
     """Measures every endpoint on each app that serves it and prints the table."""
     import torch
     from gradio_client import handle_file
 
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
           f"{torch.get_num_threads()} threads, "
-          f"{client_kind(args)}, calls {args.gap:.0f} ms apart; "
-          "ms as p50 / p95")
+          f"{client_kind(args)}, calls {args.gap:.0f} ms apart, "
+          + (f"photos {args.photo_width} px wide (JPEG {np.median([p.stat().st_size for p in photos]) / 1e6:.1f} MB); "
+             if photos else "the shipped photos; ")
+          + "ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
     for endpoint in args.endpoints.split(","):
         apps = {name: client for name, client in clients.items() if endpoint in served(client)}
         runs = args.clip_runs if endpoint.endswith("video") else args.runs
-        times = measure({name: calls(client, handle_file, clip)[endpoint] for name, client in apps.items()}, apps, runs,
-                        args.gap / 1000, pids)
+        times = measure({name: calls(client, handle_file, clip, photos)[endpoint] for name, client in apps.items()},
+                        apps, runs, args.gap / 1000, pids)
         for name, steps in times.items():
             cells = [f"{np.percentile(v, 50):7.1f} /{np.percentile(v, 95):7.1f}" if v else f"{'-':>15}"
                      for v in (steps[s] for s in STEPS)]
@@ -218,6 +235,8 @@ def main() -> int:
     p.add_argument("--shared-tls", action="store_true", help="give each client one TLS context to reuse")
     p.add_argument("--think", type=float, metavar="MS",
                    help="plain HTTP instead, waiting MS between the files and the call (a client elsewhere)")
+    p.add_argument("--photo-width", type=int, metavar="PX",
+                   help="send the shipped photos enlarged to PX wide, with grain, as a phone's JPEGs (4032)")
     args = p.parse_args()
     if unknown := set(args.endpoints.split(",")) - set(ENDPOINTS):
         p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
@@ -231,7 +250,8 @@ def main() -> int:
             tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
             clients = {name: ThinkingClient(url, args.think / 1000) if args.think is not None else
                        Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
-            report(clients, write_clip(Path(tmp) / "clip.mp4"), args, dict(zip(urls, (p.pid for p in processes))))
+            photos = phone_photos(args.photo_width, Path(tmp) / "phone") if args.photo_width else None
+            report(clients, write_clip(Path(tmp) / "clip.mp4"), args, dict(zip(urls, (p.pid for p in processes))), photos)
         finally:
             for process in processes:  # the apps stop with the benchmark, even one cut short
                 process.terminate()
