@@ -28,12 +28,13 @@ from vits16 import save_vits16  # noqa: E402  (benchmarks/ is on the path when r
 PHOTO = ROOT / "assets" / "collection" / "mate-red-marigold.jpg"
 
 
-def phone_photo(width: int, seed: int = 0, source: Path = PHOTO) -> bytes:
-    """A JPEG (quality 90) of a shipped photo enlarged to `width` px wide, with a sensor's grain."""
+def phone_photo(side: int, seed: int = 0, source: Path = PHOTO) -> bytes:
+    """A JPEG (quality 90) of a shipped photo enlarged to `side` px on its longer side, with a sensor's grain."""
     from PIL import Image
 
     photo = Image.open(source).convert("RGB")
-    size = (width, round(width * photo.height / photo.width))
+    scale = side / max(photo.size)
+    size = (round(photo.width * scale), round(photo.height * scale))
     photo = photo.resize(size, Image.Resampling.BICUBIC)
     grain = np.random.default_rng(seed).integers(-12, 13, (size[1], size[0], 3), dtype=np.int16)
     photo = Image.fromarray(np.clip(np.asarray(photo, np.int16) + grain, 0, 255).astype(np.uint8))

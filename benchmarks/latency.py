@@ -23,8 +23,8 @@ as every user of a hosted Space is, whose own work (or a person choosing a butto
 Its round trips are printed without the wait. This is where an upload prepared early (dino_demo/uploads.py)
 shows; a client on the app's own two cores instead takes those cores while the app prepares.
 
-With `--photo-width PX` the photos sent are the shipped ones enlarged to PX wide with grain: a phone's
-JPEGs (4032: 12 megapixels, ≈ 3 MB each), instead of the shipped 512 px ones.
+With `--photo-width PX` the photos sent are the shipped ones enlarged to PX on their longer side, with
+grain: a phone's JPEGs (4032: up to 12 megapixels, ≈ 3 MB each), instead of the shipped 512 px ones.
 
     python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--shared-tls]
                                  [--think MS] [--gap MS] [--photo-width PX] [--endpoints /search_image,...]
@@ -86,15 +86,15 @@ def start_apps(model: Path, tmp: Path, device: str, baseline: str | None, proces
     return urls
 
 
-def phone_photos(width: int, folder: Path) -> list[Path]:
-    """The collection's photos as a phone would send them: `width` px wide, JPEG, with grain."""
+def phone_photos(side: int, folder: Path) -> list[Path]:
+    """The collection's photos as a phone would send them: `side` px on their longer side, JPEG, with grain."""
     from large_photo import phone_photo
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, photo in enumerate(sorted(COLLECTION.glob("*.jpg"))):
         paths.append(folder / photo.name)
-        paths[-1].write_bytes(phone_photo(width, seed=i, source=photo))
+        paths[-1].write_bytes(phone_photo(side, seed=i, source=photo))
     return paths
 
 
@@ -201,7 +201,7 @@ def report(clients: dict, clip: Path, args, pids: dict | None = None, photos: li
     print(f"{args.runs} calls per endpoint and app, torch {torch.__version__} on {args.device}, "
           f"{torch.get_num_threads()} threads, "
           f"{client_kind(args)}, calls {args.gap:.0f} ms apart, "
-          + (f"photos {args.photo_width} px wide (JPEG {np.median([p.stat().st_size for p in photos]) / 1e6:.1f} MB); "
+          + (f"photos {args.photo_width} px on their longer side (JPEG {np.median([p.stat().st_size for p in photos]) / 1e6:.1f} MB); "
              if photos else "the shipped photos; ")
           + "ms as p50 / p95")
     print(f"{'endpoint':<16}{'app':<5}" + "".join(f"{step:>16}" for step in STEPS))
@@ -236,7 +236,7 @@ def main() -> int:
     p.add_argument("--think", type=float, metavar="MS",
                    help="plain HTTP instead, waiting MS between the files and the call (a client elsewhere)")
     p.add_argument("--photo-width", type=int, metavar="PX",
-                   help="send the shipped photos enlarged to PX wide, with grain, as a phone's JPEGs (4032)")
+                   help="send the shipped photos enlarged to PX on their longer side, with grain: a phone's JPEGs (4032)")
     args = p.parse_args()
     if unknown := set(args.endpoints.split(",")) - set(ENDPOINTS):
         p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
