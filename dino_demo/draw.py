@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .attention import pixel_mask
 from .geometry import Box
+from .images import REDUCING_GAP, thumbnail_size
 from .matching import MATCH_LINES, Matches
 
 Colour = tuple[int, int, int]
@@ -94,8 +95,8 @@ def draw_matches(
     sa, sb = height / img_a.height, height / img_b.height
     wa, wb = round(img_a.width * sa), round(img_b.width * sb)
     canvas = Image.new("RGB", (wa + gap + wb, height), (255, 255, 255))
-    canvas.paste(img_a.convert("RGB").resize((wa, height), Image.Resampling.LANCZOS), (0, 0))
-    canvas.paste(img_b.convert("RGB").resize((wb, height), Image.Resampling.LANCZOS), (wa + gap, 0))
+    for image, width, x in ((img_a, wa, 0), (img_b, wb, wa + gap)):
+        canvas.paste(image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), (x, 0))
     # Lines, dots and the box go on a transparent layer at twice the size, shrunk onto the photos.
     s = SUPERSAMPLE
     layer = Image.new("RGBA", (canvas.width * s, height * s), (0, 0, 0, 0))
@@ -142,9 +143,8 @@ DIMMED = 0.3  # brightness left to what lies outside the mask
 
 def shrunk(image: Image.Image, side: int) -> Image.Image:
     """A copy no larger than `side` on its longer side: pictures are drawn at the size they are shown."""
-    copy = image.convert("RGB")
-    copy.thumbnail((side, side), Image.Resampling.BICUBIC)
-    return copy
+    rgb, size = image if image.mode == "RGB" else image.convert("RGB"), thumbnail_size(image.size, side)
+    return rgb.copy() if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)  # as thumbnail()
 
 
 def draw_attention_maps(image: Image.Image, heads: np.ndarray, columns: int = 4) -> Image.Image:

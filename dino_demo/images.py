@@ -23,6 +23,9 @@ DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 5,700 photo; larger is refused be
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 THUMB_SIDE = 256  # longer side of the thumbnails an index stores; result pictures are drawn at this size
 THUMB_QUALITY = 80  # their JPEG quality
+# A resize to under a third of the size first averages blocks by a whole factor (Pillow's reducing_gap),
+# which Pillow documents as indistinguishable from resampling the whole: a phone's photo in a tenth of the time.
+REDUCING_GAP = 3.0
 
 ImageSource = Union[bytes, bytearray, str, Path, np.ndarray, Image.Image, dict]
 

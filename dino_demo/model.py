@@ -28,7 +28,7 @@ from .backbones import DEFAULT_MODEL, LARGE_PARAMETERS, family_of, prefix_tokens
 from .config import DEFAULT_CACHE_DIR
 from .errors import UserError, first_line
 from .hub import require_hub
-from .images import resize_picture
+from .images import REDUCING_GAP, resize_picture
 from .onnx_backend import BackendUnavailable, OnnxModel, backend_order, load_onnx_model
 
 log = logging.getLogger(__name__)
@@ -72,18 +72,15 @@ class Attended:
         return cls(Features.joined([p.features for p in parts]), np.concatenate([p.attention for p in parts]))
 
 
-RESIZE_GAP = 3.0  # prepare_image's reducing_gap
-
-
 def prepare_image(image: Image.Image, input_size: int) -> np.ndarray:
     """(S, S, 3) uint8 model input: the RGB image resized to the square input size.
 
-    An image over 3 times the input size is first shrunk by a whole factor (PIL's `reducing_gap=3`: blocks
-    averaged), which Pillow documents as indistinguishable from resampling it whole: a phone's photo takes
-    12 ms instead of 61, and its features keep a cosine of 0.9999 to the whole resampling's
-    (benchmarks/RESULTS.md, "Phone photos"). Kept free of torch so decoding workers can run it in parallel.
+    An image over 3 times the input size is first shrunk by a whole factor (images.REDUCING_GAP): a phone's
+    photo takes 12 ms instead of 61, and its features keep a cosine of 0.9999 to those of the whole
+    resampling (benchmarks/RESULTS.md, "Phone photos"). Kept free of torch so decoding workers can run it
+    in parallel.
     """
-    return np.array(image.resize((input_size, input_size), Image.Resampling.BICUBIC, reducing_gap=RESIZE_GAP),
+    return np.array(image.resize((input_size, input_size), Image.Resampling.BICUBIC, reducing_gap=REDUCING_GAP),
                     dtype=np.uint8)
 
 

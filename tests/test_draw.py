@@ -122,3 +122,13 @@ def test_match_picture_keeps_aspect_ratios(size):
     a, b = Image.new("RGB", size, GREY), Image.new("RGB", (100, 50), GREY)
     picture = draw_matches(a, b, one_match((1, 1), (1, 1)), height=60, gap=0)
     assert picture.size == (round(size[0] * 60 / size[1]) + 120, 60)
+
+
+def test_phone_photos_in_a_match_picture_look_as_if_resampled_whole():
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((4032, 3024), Image.Resampling.BICUBIC)  # smooth, like a photo
+    picture = np.asarray(draw_matches(photo, photo, one_match((0, 0), (0, 0)), n=0, height=300, gap=0), np.int16)
+    whole = np.asarray(photo.resize((400, 300), Image.Resampling.LANCZOS), np.int16)
+    assert picture.shape == (300, 800, 3)
+    assert np.abs(picture[:, :400] - whole).mean() < 1 and np.abs(picture[:, 400:] - whole).mean() < 1
