@@ -1,6 +1,6 @@
 """What a phone-sized photo costs the app before any search: decoding, the face gate and the embedding.
 
-The shipped photos are 512 px wide; a phone's are 4,000 px or more. This enlarges a shipped 4:3 photo to
+The shipped photos are 512 px wide; a phone's are 4,000 px or more. This enlarges a shipped photo (16:10) to
 each `--widths` (with grain, so the JPEG has a phone's size), and times, as the app's engine runs
 them on 2 cores: `load_image` (decode), the face gate (`FaceGate(workers=2)`, its four turns side by
 side; its `gate_view` step alone as well), `prepare_image` (the resize to the model's input) and the
