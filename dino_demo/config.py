@@ -61,7 +61,7 @@ class Settings:
     max_upload_bytes: int = setting(DEFAULT_MAX_BYTES, "largest accepted upload in bytes", "DINO_MAX_UPLOAD_BYTES",
                                     shown="25 MiB")
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, "largest accepted image in pixels (width × height)",
-                              "DINO_MAX_PIXELS", shown="40 million")
+                              "DINO_MAX_PIXELS", shown="52 million")
     video_seconds: int = setting(10, "longest clip accepted by What DINO sees, in seconds", "DINO_VIDEO_SECONDS")
     video_fps: int = setting(8, "frames of a clip analysed per second of it", "DINO_VIDEO_FPS")
     video_frames: int = setting(80, "the most frames of one clip analysed", "DINO_VIDEO_FRAMES")

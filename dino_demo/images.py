@@ -19,7 +19,7 @@ from .errors import UserError
 if TYPE_CHECKING:  # torch only where tensors are asked for: the app's upload path never needs it here
     import torch
 
-DEFAULT_MAX_PIXELS = 40_000_000  # ~ a 7,000 x 5,700 photo; larger is refused before decoding
+DEFAULT_MAX_PIXELS = 52_000_000  # a phone's 50-megapixel photo (8,160 x 6,144); larger is refused before decoding
 DEFAULT_MAX_BYTES = 25 * 1024 * 1024
 THUMB_SIDE = 256  # longer side of the thumbnails an index stores; result pictures are drawn at this size
 THUMB_QUALITY = 80  # their JPEG quality

@@ -61,7 +61,7 @@ class BuildOptions:
                                      "batched; the same decision); auto: torch on a GPU, else mediapipe",
                                      choices=FACE_GATE_BACKENDS)
     limit: int | None = setting(None, "index at most the first N rows", shown="every row")
-    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "skip images larger than this many pixels", shown="40 million")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, "skip images larger than this many pixels", shown="52 million")
     patches: str = setting("auto", "patch vectors kept per image for region search: all, pooled (2x2), salient[:N] "
                            "(the N most CLS-like, 16 by default), or auto: all up to 20,000 images, else pooled")
     index_type: str = setting("auto", "auto: exact search for small collections, HNSW (images) and IVF-PQ "

@@ -62,7 +62,7 @@ BAD_FILES = {  # name -> (file name, bytes, words of the message)
     "non-image bytes": ("data.bin", lambda: bytes(range(256)) * 8, "not an image"),
     "truncated JPEG": ("cut.jpg", truncated_jpeg, "truncated or corrupt"),
     "HTML named .jpg": ("page.jpg", lambda: b"<!DOCTYPE html><html><body>hi</body></html>", "not an image"),
-    "decompression bomb": ("bomb.png", bomb_png, f"{BOMB_SIDE}x{BOMB_SIDE} = 1600 megapixels; the limit is 40"),
+    "decompression bomb": ("bomb.png", bomb_png, f"{BOMB_SIDE}x{BOMB_SIDE} = 1600 megapixels; the limit is 52"),
 }
 
 

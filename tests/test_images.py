@@ -110,6 +110,15 @@ def test_decompression_bomb_is_refused_before_decoding():
     assert caught.value.reason == "too large"
 
 
+@pytest.mark.parametrize("size", [(8160, 6144), (6144, 8160)])  # a phone's 50-megapixel photo, either way up
+def test_a_fifty_megapixel_phone_photo_is_within_the_default_limit(size):
+    with pytest.raises(ImageError) as caught:  # a header only: past the limit's check, then nothing to decode
+        load_image(png_header_only(*size))
+    assert caught.value.reason != "too large" and "megapixels" not in str(caught.value)
+    with pytest.raises(ImageError, match="12000x9000 = 108 megapixels; the limit is 52"):  # a 108-megapixel mode
+        load_image(png_header_only(12000, 9000))
+
+
 def test_pixel_and_byte_limits_are_configurable():
     data = encode(make_image(4, (100, 100)))
     with pytest.raises(ImageError, match="megapixels"):
