@@ -96,7 +96,8 @@ def draw_matches(
     wa, wb = round(img_a.width * sa), round(img_b.width * sb)
     canvas = Image.new("RGB", (wa + gap + wb, height), (255, 255, 255))
     for image, width, x in ((img_a, wa, 0), (img_b, wb, wa + gap)):
-        canvas.paste(image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), (x, 0))
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy of a photo that need not change
+        canvas.paste(rgb.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), (x, 0))
     # Lines, dots and the box go on a transparent layer at twice the size, shrunk onto the photos.
     s = SUPERSAMPLE
     layer = Image.new("RGBA", (canvas.width * s, height * s), (0, 0, 0, 0))
