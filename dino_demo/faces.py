@@ -196,12 +196,12 @@ def gate_view(image: Image.Image) -> Image.Image:
     return work if size == work.size else work.resize(size, Image.BILINEAR, reducing_gap=2.0)
 
 
-def face_check(found: Found, turn: int, work_size: tuple[int, int], image_size: tuple[int, int],
+def face_check(found: Found, turn: int, view_size: tuple[int, int], image_size: tuple[int, int],
                min_confidence: float) -> FaceCheck:
-    """The faces of at least `min_confidence` found in the gate's view turned by `turn`, best first, with
-    boxes back in the original image's pixels."""
+    """The faces of at least `min_confidence` found in the gate's view (of `view_size`) turned by `turn`,
+    best first, with boxes back in the original image's pixels."""
     found = sorted((f for f in found if f[1] >= min_confidence), key=lambda f: -f[1])
-    boxes = [Box(*b).turned_back(turn, work_size).scaled(work_size, image_size).rounded_out(image_size)
+    boxes = [Box(*b).turned_back(turn, view_size).scaled(view_size, image_size).rounded_out(image_size)
              for b, _ in found]
     return FaceCheck(bool(found), boxes, [float(score) for _, score in found])
 
