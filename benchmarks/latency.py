@@ -39,7 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -67,23 +69,31 @@ def write_clip(path: Path) -> Path:
 
 
 
-def start_apps(model: Path, tmp: Path, device: str, baseline: str | None, processes: list) -> dict[str, str]:
-    """This checkout's app and, with a baseline, the app of that commit: name -> URL; each app's process is
-    added to `processes`, for the caller to stop."""
+@contextmanager
+def running_apps(tmp: Path, device: str, baseline: str | None) -> Iterator[tuple[dict[str, str], dict[str, int]]]:
+    """This checkout's app and, with a baseline, the app of that commit (a git worktree), each `python app.py`
+    with the ViT-S/16-sized model: (name -> URL, name -> process id); stopped, and the worktree removed, on leaving."""
     from load import start_server
 
-    roots = {"new": ROOT}
-    if baseline:
-        roots["old"] = tmp / "baseline"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(roots["old"]), baseline],
-                       check=True, capture_output=True)
-    urls = {}
-    for name, root in roots.items():
-        started = time.perf_counter()
-        process, urls[name] = start_server(model, tmp / f"cache-{name}", device, 16, tmp / f"{name}.log", root=root)
-        processes.append(process)
-        print(f"{name} app ({root}) ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    return urls
+    roots, urls, processes = {"new": ROOT}, {}, {}
+    model = save_vits16(tmp / "vit-small-patch16-random")
+    try:
+        if baseline:
+            roots["old"] = tmp / "baseline"
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(roots["old"]), baseline],
+                           check=True, capture_output=True)
+        for name, root in roots.items():
+            started = time.perf_counter()
+            processes[name], urls[name] = start_server(model, tmp / f"cache-{name}", device, 16, tmp / f"{name}.log",
+                                                       root=root)
+            print(f"{name} app ({root}) ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+        yield urls, {name: process.pid for name, process in processes.items()}
+    finally:
+        for process in processes.values():  # the apps stop with the benchmark, even one cut short
+            process.terminate()
+            process.wait(timeout=30)
+        if baseline:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(roots["old"])])
 
 
 def phone_photos(side: int, folder: Path) -> list[Path]:
@@ -242,22 +252,12 @@ def main() -> int:
         p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
     from gradio_client import Client
 
-    processes = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            urls = start_apps(save_vits16(Path(tmp) / "vit-small-patch16-random"), Path(tmp), args.device,
-                              args.baseline, processes)
-            tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
-            clients = {name: ThinkingClient(url, args.think / 1000) if args.think is not None else
-                       Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
-            photos = phone_photos(args.photo_width, Path(tmp) / "phone") if args.photo_width else None
-            report(clients, write_clip(Path(tmp) / "clip.mp4"), args, dict(zip(urls, (p.pid for p in processes))), photos)
-        finally:
-            for process in processes:  # the apps stop with the benchmark, even one cut short
-                process.terminate()
-                process.wait(timeout=30)
-            if args.baseline:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(tmp) / "baseline")])
+    with tempfile.TemporaryDirectory() as tmp, running_apps(Path(tmp), args.device, args.baseline) as (urls, pids):
+        tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
+        clients = {name: ThinkingClient(url, args.think / 1000) if args.think is not None else
+                   Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
+        photos = phone_photos(args.photo_width, Path(tmp) / "phone") if args.photo_width else None
+        report(clients, write_clip(Path(tmp) / "clip.mp4"), args, pids, photos)
     return 0
 
 

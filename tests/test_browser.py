@@ -10,9 +10,9 @@ import threading
 from pathlib import Path
 
 import pytest
+from browser import CHROMIUM, drag_box, launch
 from conftest import ROOT
 
-CHROMIUM = Path("/usr/bin/chromium")
 COLLECTION = ROOT / "assets" / "collection"
 MAX_SCREENSHOT_BYTES = 300_000
 
@@ -35,9 +35,7 @@ def page(app_server):
 
     url, _ = app_server
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1280, "height": 860})
         page.goto(url)
         page.get_by_role("tab", name="Image retrieval").wait_for()
@@ -54,23 +52,6 @@ def save_screenshot(page, folder: Path, name: str) -> Path:
     if path.stat().st_size > MAX_SCREENSHOT_BYTES:
         Image.open(path).convert("RGB").quantize(256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
     return path
-
-
-def drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
-    """Drag out `box` (in the image's pixels) with the mouse on the annotator's canvas."""
-    canvas = page.locator(canvas_selector)
-    canvas.wait_for()
-    page.wait_for_timeout(300)  # the annotator fits the image into the canvas after it loads
-    fit = canvas.evaluate("""c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }""")
-    x, y, w, h = fit
-    scale = min(w / image_size[0], h / image_size[1])  # the image is centred in the canvas
-    left, top = x + (w - image_size[0] * scale) / 2, y + (h - image_size[1] * scale) / 2
-    x0, y0, x1, y1 = (left + box[0] * scale, top + box[1] * scale, left + box[2] * scale, top + box[3] * scale)
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    for i in range(1, 11):
-        page.mouse.move(x0 + (x1 - x0) * i / 10, y0 + (y1 - y0) * i / 10)
-    page.mouse.up()
 
 
 def gallery_captions(page, selector: str, count: int) -> list[str]:
@@ -195,3 +176,17 @@ def test_what_dino_sees_tab_shows_the_maps_of_a_photo_and_plays_a_clip(page, scr
     assert width > 1.9  # mask and colours side by side
     page.wait_for_timeout(500)
     save_screenshot(page, screenshots, "what-dino-sees")
+
+
+@pytest.mark.parametrize("tab", ["image", "region", "match"])
+def test_the_browser_latency_benchmark_times_each_click_until_its_results_are_shown(page, tab, monkeypatch):
+    """benchmarks/browser_latency.py: each click is timed until that call's results are on the page."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from browser_latency import SHOWN, TABS, measure
+
+    waits = measure({"new": page}, TABS[tab], runs=2, think=0.1)["new"]
+    assert len(waits) == 2 and all(0 < ms < 60_000 for ms in waits), waits
+    shown = page.evaluate(SHOWN, TABS[tab].results)
+    if tab == "image":  # the last photo picked (the third) finds itself first
+        assert gallery_captions(page, "#image-results", 6)[0].endswith("· 1.000")
+    assert ".jp" in shown and page.locator(f"{TABS[tab].results} img").first.is_visible()

@@ -1,0 +1,30 @@
+"""Driving Debian's Chromium with Playwright, for the browser tests and benchmarks/browser_latency.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run"]
+
+
+def launch(playwright):
+    """A headless Chromium of Debian's (never a downloaded browser)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+
+
+def drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+    """Drag out `box` (in the image's pixels) with the mouse on the annotator's canvas."""
+    canvas = page.locator(canvas_selector)
+    canvas.wait_for()
+    page.wait_for_timeout(300)  # the annotator fits the image into the canvas after it loads
+    fit = canvas.evaluate("""c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }""")
+    x, y, w, h = fit
+    scale = min(w / image_size[0], h / image_size[1])  # the image is centred in the canvas
+    left, top = x + (w - image_size[0] * scale) / 2, y + (h - image_size[1] * scale) / 2
+    x0, y0, x1, y1 = (left + box[0] * scale, top + box[1] * scale, left + box[2] * scale, top + box[3] * scale)
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(x0 + (x1 - x0) * i / 10, y0 + (y1 - y0) * i / 10)
+    page.mouse.up()
