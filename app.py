@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from dino_demo.config import Settings, add_arguments
 from dino_demo.errors import UserError
@@ -77,6 +78,15 @@ def start_line(engine, settings: Settings, url: str, share_url: str | None) -> s
             f"face gate {'on' if settings.face_gate else 'off'}{public}")
 
 
+def warm_up(engine) -> None:
+    """`engine.warm_up()`; should it fail, one line, and the requests make what they need as before."""
+    try:
+        engine.warm_up()
+    except Exception as e:  # noqa: BLE001  (the server carries on; a request meets the same fault with its message)
+        print(f"warning: warming up failed ({type(e).__name__}: {e}); the first requests will take longer",
+              file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv, os.environ)
@@ -88,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = build_ui(engine, settings)
     demo.launch(**launch_options(settings, engine), quiet=True, prevent_thread_lock=True)  # our own start line instead
+    # What the first requests would otherwise make (the gate's detectors, the attention export) is made
+    # while the first person opens the page and picks a photo.
+    threading.Thread(target=warm_up, args=(engine,), name="warm-up", daemon=True).start()
     print(start_line(engine, settings, demo.local_url, demo.share_url), flush=True)
     demo.block_thread()
     return 0

@@ -241,6 +241,17 @@ class Engine:
         self.gate.require_no_face(image)
         return image
 
+    def warm_up(self) -> None:
+        """Runs, on a blank picture, what is otherwise made by the first request that needs it: the face
+        gate's detectors (MediaPipe loads its graphs in each worker, ≈ 0.9 s in all on 2 cores), the model's
+        first run, and the export that also returns attention for What DINO sees (a session to load, or, once
+        per cache, an export to make: seconds). The app runs it in the background as it starts."""
+        blank = Image.new("RGB", (64, 64), (128, 128, 128))
+        self.gate.check(blank)  # the four turns go to every worker, which each load their detector
+        for embedder in dict.fromkeys((self.embedder, self.match_embedder)):
+            embedder.embed([blank])
+        self.embedder.attend([blank])
+
     def prepare_upload(self, path: str) -> bool:
         """Begins, in spare time, the load, face gate and embedding of an image file just uploaded, for the
         request that will name it (uploads.Uploads); returns whether it began."""

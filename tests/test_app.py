@@ -151,3 +151,16 @@ def test_the_app_starts_quietly_with_a_start_line_of_its_own(tmp_path, tiny_vit)
     assert "face gate on" in line and "--share" in line
     for chatter in ("W0000", "XNNPACK", "absl", "share=True", "Running on local URL"):
         assert chatter not in text, chatter
+
+
+def test_a_failed_warm_up_is_one_line_and_the_app_carries_on(capsys):
+    import app
+
+    class Broken:
+        def warm_up(self):
+            raise RuntimeError("MediaPipe could not load its graph")
+
+    app.warm_up(Broken())
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: warming up failed (RuntimeError: MediaPipe could not load its graph); "
+                                "the first requests will take longer"]

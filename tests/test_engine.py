@@ -278,3 +278,30 @@ def test_a_serving_engine_runs_blas_on_one_thread(indexed):
         assert set(blas()) == {1}
     finally:
         before.restore_original_limits()
+
+
+def test_after_warm_up_the_first_requests_make_nothing_on_first_use(tmp_path, tiny_vit, indexed, monkeypatch):
+    """Engine.warm_up (the app runs it as it starts) loads the face gate's detectors in every worker, runs the
+    model and makes the attention export, so the first search and What DINO sees load none of them."""
+    from dino_demo import faces, model
+    from dino_demo.model import Embedder
+
+    folder, _, index = indexed
+    embedder = Embedder(str(tiny_vit), device="cpu", backend="onnx", cache_dir=tmp_path / "onnx")
+    gate = FaceGate(workers=2)
+    engine = Engine(embedder, index, gate, 40_000_000, 25_000_000, match_embedder=embedder.at_input_size(448))
+    try:
+        engine.warm_up()
+        assert len(gate._made) == 2 and embedder._onnx_attention is not None
+
+        def made_on_first_use(*args, **kwargs):
+            raise AssertionError("made by a request, not by warm_up")
+
+        monkeypatch.setattr(faces.MediaPipeDetector, "__init__", made_on_first_use)
+        monkeypatch.setattr(model, "load_onnx_model", made_on_first_use)
+        photo = str(sorted(folder.glob("*.jpg"))[0])
+        assert engine.search_image(photo, 3).items
+        assert engine.what_dino_sees(photo).mask is not None
+        assert engine.match(photo, photo).matches is not None
+    finally:
+        gate.close()
