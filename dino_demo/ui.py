@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -75,6 +76,7 @@ QUERY_LABEL = "Query image: upload, paste or take a photo"
 EVENT_OPTIONS = {"preprocess": False, "concurrency_id": "engine"}
 BOX_CORNERS = ("x0", "y0", "x1", "y1")
 UPLOAD_ROUTE = "/gradio_api/upload"  # where Gradio takes the files a client sends before its request
+CONTENT_NAMED = re.compile(r"/file=.*/[0-9a-f]{64}/[^/]+$")  # a file Gradio serves from a folder named by its hash
 # Result pictures go out as JPEG (a tenth of a ms to encode; WebP took ~4 ms a picture); gallery_of encodes
 # a gallery's drawn pictures itself, in the format the components are given.
 PICTURE_FORMAT = "jpeg"
@@ -530,8 +532,31 @@ def launch_options(settings: Settings, engine: Engine) -> dict:
     return {
         "server_name": settings.host, "server_port": settings.port, "share": settings.share,
         "max_file_size": settings.max_upload_bytes, "css": CSS, "theme": gr.themes.Soft(),
-        "app_kwargs": {"middleware": [Middleware(PrepareUploads, engine=engine)]},
+        "app_kwargs": {"middleware": [Middleware(PrepareUploads, engine=engine),
+                                      Middleware(KeptFiles, max_age=settings.upload_lifetime)]},
     }
+
+
+class KeptFiles:
+    """ASGI middleware: a file Gradio serves from a folder named by the SHA-256 of its bytes (uploads, result
+    pictures, examples: `processing_utils.save_*_to_cache`) is the same for as long as its URL answers, so the
+    browser is told to keep it: a picture shown again (a thumbnail in the next results, an example) costs no
+    request. Gradio's own answer says nothing, and a file rewritten with the same bytes (each search
+    writes its thumbnails) got a new ETag, so the browser fetched it again."""
+
+    def __init__(self, app, max_age: int):
+        self.app, self.header = app, (b"cache-control", f"private, max-age={max_age}, immutable".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD") or not CONTENT_NAMED.search(scope["path"]):
+            return await self.app(scope, receive, send)
+
+        async def kept(message):
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, kept)
 
 
 class PrepareUploads:

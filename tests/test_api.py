@@ -196,3 +196,21 @@ def test_the_latency_benchmarks_plain_http_client_gets_what_gradio_client_gets(a
                                                 api_name="/match_patches")
     assert picture and summary.startswith(f"{result['count']} matches") and len(result["pairs"]) == 5
     assert thinking.waited == pytest.approx(0.1)
+
+
+def test_a_result_picture_is_kept_by_the_browser_and_the_page_is_not(client, app_server):
+    """ui.KeptFiles: a file served from a folder named by its bytes' hash never changes under its URL, so the
+    browser keeps it (a thumbnail shown again costs no request); other answers are left as Gradio gives them."""
+    import httpx
+
+    url, _ = app_server
+    gallery, _ = client.predict(handle_file(MARIGOLD), 4, api_name="/search_image")
+    with httpx.Client(base_url=url) as http:
+        picture = http.get(gallery[0]["image"]["url"])
+        assert picture.status_code == 200 and picture.headers["content-type"] == "image/jpeg"
+        assert picture.headers["cache-control"] == "private, max-age=3600, immutable"
+        assert http.head(gallery[0]["image"]["url"]).headers["cache-control"].endswith("immutable")
+        missing = http.get(gallery[0]["image"]["url"].rsplit("/", 1)[0] + "/no-such-picture.jpg")
+        assert missing.status_code != 200 and "immutable" not in missing.headers.get("cache-control", "")
+        for page in ("/", "/gradio_api/info"):
+            assert "immutable" not in http.get(page).headers.get("cache-control", "")
