@@ -15,7 +15,9 @@ an app's leftover work (threads still spinning after a call) falls on no call of
 is counted in its own CPU.
 With `--shared-tls` the clients get one TLS context to reuse (`Client(url, ssl_verify=ssl_context)`):
 by default gradio_client builds a new one for each request it sends, ≈ 20 ms of CPU each, three per
-call, even over plain http://.
+call, even over plain http://. The clients leave the result pictures on the server
+(`download_files=False`) unless `--download` is given: then, as gradio_client does by default, they
+fetch every picture of every answer, each request with its own TLS context unless `--shared-tls`.
 
 With `--think MS` the client is plain HTTP instead (one kept-alive connection, the README's httpx way)
 and waits MS between sending its files and making its call, using no CPU: a client on another machine,
@@ -27,6 +29,7 @@ With `--photo-width PX` the photos sent are the shipped ones enlarged to PX on t
 grain: a phone's JPEGs (4032: up to 12 megapixels, ≈ 3 MB each), instead of the shipped 512 px ones.
 
     python benchmarks/latency.py [--runs 20] [--clip-runs 5] [--device cpu] [--baseline 4f124cb] [--shared-tls]
+                                 [--download]
                                  [--think MS] [--gap MS] [--photo-width PX] [--endpoints /search_image,...]
 """
 from __future__ import annotations
@@ -157,8 +160,9 @@ class ThinkingClient:
 def client_kind(args) -> str:
     if args.think is not None:
         return f"plain HTTP on one connection, {args.think:.0f} ms between the files and the call (left out)"
-    return "gradio_client with " + ("one TLS context it reuses" if args.shared_tls else
-                                    "a new TLS context for each request (its default)")
+    return ("gradio_client with " + ("one TLS context it reuses" if args.shared_tls else
+                                     "a new TLS context for each request (its default)")
+            + (", downloading every result picture (its default)" if args.download else ", pictures left on the server"))
 
 
 def served(client) -> set[str]:
@@ -243,11 +247,14 @@ def main() -> int:
     p.add_argument("--endpoints", default=",".join(ENDPOINTS), help="comma-separated, of: " + ", ".join(ENDPOINTS))
     p.add_argument("--gap", type=float, default=200, metavar="MS", help="pause after each call (0.2 s)")
     p.add_argument("--shared-tls", action="store_true", help="give each client one TLS context to reuse")
+    p.add_argument("--download", action="store_true", help="fetch every result picture, as gradio_client does by default")
     p.add_argument("--think", type=float, metavar="MS",
                    help="plain HTTP instead, waiting MS between the files and the call (a client elsewhere)")
     p.add_argument("--photo-width", type=int, metavar="PX",
                    help="send the shipped photos enlarged to PX on their longer side, with grain: a phone's JPEGs (4032)")
     args = p.parse_args()
+    if args.think is not None and (args.download or args.shared_tls):
+        p.error("--think is a plain-HTTP client: --download and --shared-tls are gradio_client's")
     if unknown := set(args.endpoints.split(",")) - set(ENDPOINTS):
         p.error(f"unknown endpoints: {', '.join(sorted(unknown))}")
     from gradio_client import Client
@@ -255,7 +262,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, running_apps(Path(tmp), args.device, args.baseline) as (urls, pids):
         tls = {"ssl_verify": ssl.create_default_context()} if args.shared_tls else {}
         clients = {name: ThinkingClient(url, args.think / 1000) if args.think is not None else
-                   Client(url, verbose=False, download_files=False, **tls) for name, url in urls.items()}
+                   Client(url, verbose=False, download_files=str(Path(tmp) / f"downloads-{name}") if args.download
+                          else False, **tls) for name, url in urls.items()}
         photos = phone_photos(args.photo_width, Path(tmp) / "phone") if args.photo_width else None
         report(clients, write_clip(Path(tmp) / "clip.mp4"), args, pids, photos)
     return 0

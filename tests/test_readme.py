@@ -4,6 +4,7 @@ import io
 import os
 import re
 
+import httpx
 import pytest
 
 from conftest import ROOT
@@ -73,5 +74,8 @@ def test_readme_client_with_one_tls_context_runs_against_the_app(app_server, mon
     url, _ = app_server
     monkeypatch.chdir(ROOT)
     code = readme_block("tls-example")
-    assert 'Client("http://127.0.0.1:7860/", ssl_verify=ssl.create_default_context())' in code
-    assert "marigold flower', 1.0)" in printed(code, url)  # the same answer as with the client's defaults
+    assert 'ssl_verify=ssl.create_default_context()' in code and "download_files=False" in code
+    shown = printed(code, url)
+    assert "marigold flower', 1.0)" in shown  # the same answer as with the client's defaults
+    picture = shown.splitlines()[-1]  # the first result picture's URL, left on the server
+    assert picture.startswith(url) and httpx.get(picture).headers["content-type"] == "image/jpeg"
