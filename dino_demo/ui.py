@@ -68,6 +68,19 @@ CSS = """
 .refusal p { margin: 0; color: #7c2d12; }
 .refusal .refusal { border: none; background: none; padding: 0 !important; }  /* the block's inner copy of the class */
 #sees-model p { margin: 0; }
+/* A phone: two results a row with short captions, below the gallery's label (two lines there), and the
+   gallery as tall as its results instead of a box that scrolls inside the page. */
+@media (max-width: 640px) {
+    #image-results, #region-results, #image-results .grid-wrap, #region-results .grid-wrap {
+        height: auto !important; max-height: none !important;
+    }
+    #image-results .grid-container, #region-results .grid-container {
+        grid-template-columns: repeat(2, minmax(0, 1fr)) !important; padding-top: 52px !important;
+    }
+    #image-results .caption-label, #region-results .caption-label { font-size: 10px !important; line-height: 1.2 !important; }
+    /* a wide picture is short on a phone: its label goes above it instead of over it */
+    #match-picture label.float, #parts-picture label.float { position: relative !important; }
+}
 """
 # Every event: handlers get payloads undecoded (see above), and all share one concurrency group:
 # Gradio otherwise limits each event separately, so `concurrency` would apply per endpoint and

@@ -15,16 +15,33 @@ def launch(playwright):
 
 def drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
     """Drag out `box` (in the image's pixels) with the mouse on the annotator's canvas."""
-    canvas = page.locator(canvas_selector)
-    canvas.wait_for()
-    page.wait_for_timeout(300)  # the annotator fits the image into the canvas after it loads
-    fit = canvas.evaluate("""c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }""")
-    x, y, w, h = fit
-    scale = min(w / image_size[0], h / image_size[1])  # the image is centred in the canvas
-    left, top = x + (w - image_size[0] * scale) / 2, y + (h - image_size[1] * scale) / 2
-    x0, y0, x1, y1 = (left + box[0] * scale, top + box[1] * scale, left + box[2] * scale, top + box[3] * scale)
+    (x0, y0), (x1, y1) = on_screen(page, canvas_selector, image_size, box)
     page.mouse.move(x0, y0)
     page.mouse.down()
     for i in range(1, 11):
         page.mouse.move(x0 + (x1 - x0) * i / 10, y0 + (y1 - y0) * i / 10)
     page.mouse.up()
+
+
+def touch_drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
+    """Drag out `box` with a finger (the page's context made with has_touch=True): Chromium's own touch events."""
+    (x0, y0), (x1, y1) = on_screen(page, canvas_selector, image_size, box)
+    touch = page.context.new_cdp_session(page)
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]})
+    for i in range(1, 11):
+        point = {"x": x0 + (x1 - x0) * i / 10, "y": y0 + (y1 - y0) * i / 10}
+        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    touch.detach()
+    page.wait_for_timeout(500)  # as a person's next tap comes: one sooner would be taken for a double tap
+
+
+def on_screen(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]):
+    """The page coordinates of `box`'s corners (image pixels) on the annotator's canvas, once it shows the image."""
+    canvas = page.locator(canvas_selector)
+    canvas.wait_for()
+    page.wait_for_timeout(300)  # the annotator fits the image into the canvas after it loads
+    x, y, w, h = canvas.evaluate("""c => { const r = c.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }""")
+    scale = min(w / image_size[0], h / image_size[1])  # the image is centred in the canvas
+    left, top = x + (w - image_size[0] * scale) / 2, y + (h - image_size[1] * scale) / 2
+    return (left + box[0] * scale, top + box[1] * scale), (left + box[2] * scale, top + box[3] * scale)

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from browser import CHROMIUM, drag_box, launch
+from browser import CHROMIUM, drag_box, launch, touch_drag_box
 from conftest import ROOT
 
 COLLECTION = ROOT / "assets" / "collection"
@@ -30,17 +30,22 @@ def screenshots(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(app_server):
+def browser():
     from playwright.sync_api import sync_playwright
 
-    url, _ = app_server
     with sync_playwright() as p:
         browser = launch(p)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.goto(url)
-        page.get_by_role("tab", name="Image retrieval").wait_for()
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_server):
+    url, _ = app_server
+    page = browser.new_page(viewport={"width": 1280, "height": 860})
+    page.goto(url)
+    page.get_by_role("tab", name="Image retrieval").wait_for()
+    return page
 
 
 def save_screenshot(page, folder: Path, name: str) -> Path:
@@ -190,3 +195,38 @@ def test_the_browser_latency_benchmark_times_each_click_until_its_results_are_sh
     if tab == "image":  # the last photo picked (the third) finds itself first
         assert gallery_captions(page, "#image-results", 6)[0].endswith("· 1.000")
     assert ".jp" in shown and page.locator(f"{TABS[tab].results} img").first.is_visible()
+
+
+def test_on_a_phone_results_are_seen_two_a_row_and_a_box_is_drawn_with_a_finger(browser, app_server, screenshots):
+    """A 390 px wide touch screen: the results two a row, each picture below the gallery's label and under a
+    caption that leaves most of it free; the region tab reached from Gradio's "More tabs" menu, and a box
+    dragged with a finger reaches the server in the image's pixels."""
+    url, _ = app_server
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    try:
+        page = context.new_page()
+        page.goto(url)
+        page.locator("#query input[type=file]").set_input_files(str(COLLECTION / "mate-red-marigold.jpg"))
+        page.locator("#query img").first.wait_for()
+        page.locator("#search-image").tap()
+        assert gallery_captions(page, "#image-results", 6)[0].startswith("red and yellow marigold flower")
+        page.wait_for_timeout(300)
+        layout = page.evaluate("""() => { const g = document.querySelector('#image-results');
+            const box = s => g.querySelector(s).getBoundingClientRect();
+            return {columns: getComputedStyle(g.querySelector('.grid-container')).gridTemplateColumns.split(' ').length,
+                    label: box('label').bottom, tile: box('.thumbnail-item').top, height: box('.thumbnail-item').height,
+                    caption: box('.caption-label').height}; }""")
+        assert layout["columns"] == 2, layout
+        assert layout["tile"] >= layout["label"] and layout["caption"] < 0.4 * layout["height"], layout
+        save_screenshot(page, screenshots, "phone-image-retrieval")
+
+        page.get_by_label("More tabs").tap()
+        page.locator(".overflow-dropdown button", has_text="Region retrieval").tap()
+        page.locator("#region-input input[type=file]").set_input_files(str(COLLECTION / "mate-ladybird-on-grass.jpg"))
+        touch_drag_box(page, "#region-input canvas", (512, 320), (322, 132, 398, 196))
+        page.locator("#search-region").tap()
+        assert gallery_captions(page, "#region-results", 6)[0].startswith("ladybird on a grass stem")
+        box = re.search(r'"box":\[([-\d.,]+)\]', json_text(page, "#region-json")).group(1)
+        assert [float(v) for v in box.split(",")] == pytest.approx([322, 132, 398, 196], abs=6)
+    finally:
+        context.close()
