@@ -79,7 +79,7 @@ CSS = """
     }
     #image-results .caption-label, #region-results .caption-label { font-size: 10px !important; line-height: 1.2 !important; }
     /* a wide picture is short on a phone: its label goes above it instead of over it */
-    #match-picture label.float, #parts-picture label.float { position: relative !important; }
+    #match-picture label.float, #parts-picture label.float, #sees-maps label.float { position: relative !important; }
 }
 """
 # Every event: handlers get payloads undecoded (see above), and all share one concurrency group:
