@@ -551,11 +551,11 @@ def launch_options(settings: Settings, engine: Engine) -> dict:
 
 
 class KeptFiles:
-    """ASGI middleware: a file Gradio serves from a folder named by the SHA-256 of its bytes (uploads, result
-    pictures, examples: `processing_utils.save_*_to_cache`) is the same for as long as its URL answers, so the
-    browser is told to keep it: a picture shown again (a thumbnail in the next results, an example) costs no
-    request. Gradio's own answer says nothing, and a file rewritten with the same bytes (each search
-    writes its thumbnails) got a new ETag, so the browser fetched it again."""
+    """ASGI middleware: a file Gradio serves from a folder named by the SHA-256 of its bytes (its upload route
+    and `processing_utils.save_*_to_cache` name them so: uploads, result pictures, examples) is the same for
+    as long as its URL answers, so the browser is told to keep it: a picture shown again (a thumbnail in the
+    next results, an example) costs no request. Gradio's own answer says nothing, and a file rewritten with
+    the same bytes (each search writes its thumbnails) got a new ETag, so the browser fetched it again."""
 
     def __init__(self, app, max_age: int):
         self.app, self.header = app, (b"cache-control", f"private, max-age={max_age}, immutable".encode())
