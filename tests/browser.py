@@ -15,22 +15,21 @@ def launch(playwright):
 
 def drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
     """Drag out `box` (in the image's pixels) with the mouse on the annotator's canvas."""
-    (x0, y0), (x1, y1) = on_screen(page, canvas_selector, image_size, box)
-    page.mouse.move(x0, y0)
+    start, end = on_screen(page, canvas_selector, image_size, box)
+    page.mouse.move(*start)
     page.mouse.down()
-    for i in range(1, 11):
-        page.mouse.move(x0 + (x1 - x0) * i / 10, y0 + (y1 - y0) * i / 10)
+    for x, y in steps(start, end):
+        page.mouse.move(x, y)
     page.mouse.up()
 
 
 def touch_drag_box(page, canvas_selector: str, image_size: tuple[int, int], box: tuple[int, int, int, int]) -> None:
     """Drag out `box` with a finger (the page's context made with has_touch=True): Chromium's own touch events."""
-    (x0, y0), (x1, y1) = on_screen(page, canvas_selector, image_size, box)
+    start, end = on_screen(page, canvas_selector, image_size, box)
     touch = page.context.new_cdp_session(page)
-    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x0, "y": y0}]})
-    for i in range(1, 11):
-        point = {"x": x0 + (x1 - x0) * i / 10, "y": y0 + (y1 - y0) * i / 10}
-        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+    touch.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [dict(zip("xy", start))]})
+    for x, y in steps(start, end):
+        touch.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
     touch.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
     touch.detach()
     page.wait_for_timeout(500)  # as a person's next tap comes: one sooner would be taken for a double tap
@@ -45,3 +44,9 @@ def on_screen(page, canvas_selector: str, image_size: tuple[int, int], box: tupl
     scale = min(w / image_size[0], h / image_size[1])  # the image is centred in the canvas
     left, top = x + (w - image_size[0] * scale) / 2, y + (h - image_size[1] * scale) / 2
     return (left + box[0] * scale, top + box[1] * scale), (left + box[2] * scale, top + box[3] * scale)
+
+
+def steps(start: tuple[float, float], end: tuple[float, float], count: int = 10) -> list[tuple[float, float]]:
+    """The points a drag passes from `start` to `end`, the last of them `end`."""
+    return [(start[0] + (end[0] - start[0]) * i / count, start[1] + (end[1] - start[1]) * i / count)
+            for i in range(1, count + 1)]
