@@ -384,7 +384,7 @@ class Engine:
         report(0.8, "Drawing")
         with timer.step("draw"):
             shown = draw.shrunk(image, SIGHT_SIDE)
-            pictures = (draw.draw_attention_maps(image, sight.heads), draw.draw_mask(shown, sight.mask),
+            pictures = (draw.draw_attention_maps(shown, sight.heads), draw.draw_mask(shown, sight.mask),
                         draw.draw_colours(shown, sight.colours, sight.foreground))
         return SightResult(*pictures, sight, share, self.model_name, timer.done())
 
