@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .attention import pixel_mask
 from .geometry import Box
-from .images import REDUCING_GAP, thumbnail_size
+from .images import REDUCING_GAP, THUMBNAIL_GAP, as_rgb, thumbnail_size
 from .matching import MATCH_LINES, Matches
 
 Colour = tuple[int, int, int]
@@ -96,8 +96,7 @@ def draw_matches(
     wa, wb = round(img_a.width * sa), round(img_b.width * sb)
     canvas = Image.new("RGB", (wa + gap + wb, height), (255, 255, 255))
     for image, width, x in ((img_a, wa, 0), (img_b, wb, wa + gap)):
-        rgb = image if image.mode == "RGB" else image.convert("RGB")  # no copy of a photo that need not change
-        canvas.paste(rgb.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), (x, 0))
+        canvas.paste(as_rgb(image).resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP), (x, 0))
     # Lines, dots and the box go on a transparent layer at twice the size, shrunk onto the photos.
     s = SUPERSAMPLE
     layer = Image.new("RGBA", (canvas.width * s, height * s), (0, 0, 0, 0))
@@ -144,8 +143,8 @@ DIMMED = 0.3  # brightness left to what lies outside the mask
 
 def shrunk(image: Image.Image, side: int) -> Image.Image:
     """A copy no larger than `side` on its longer side: pictures are drawn at the size they are shown."""
-    rgb, size = image if image.mode == "RGB" else image.convert("RGB"), thumbnail_size(image.size, side)
-    return rgb.copy() if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)  # as thumbnail()
+    rgb, size = as_rgb(image), thumbnail_size(image.size, side)
+    return rgb.copy() if size == rgb.size else rgb.resize(size, Image.Resampling.BICUBIC, reducing_gap=THUMBNAIL_GAP)
 
 
 def draw_attention_maps(image: Image.Image, heads: np.ndarray, columns: int = 4) -> Image.Image:

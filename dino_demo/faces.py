@@ -15,7 +15,7 @@ from PIL import Image
 
 from .errors import UserError
 from .geometry import Box
-from .images import thumbnail_size
+from .images import THUMBNAIL_GAP, as_rgb, thumbnail_size
 from .quiet import silenced_output
 
 Found = list[tuple[Box, float]]  # (box in the array's pixels, score)
@@ -189,11 +189,11 @@ def work_size(size: tuple[int, int]) -> tuple[tuple[int, int], int]:
 def gate_view(image: Image.Image) -> Image.Image:
     """The RGB picture the detectors see: larger images shrunk (`work_size`) first, for speed. Not a copy
     where nothing needs changing: the gate only reads it."""
-    work = image if image.mode == "RGB" else image.convert("RGB")
+    work = as_rgb(image)
     size, factor = work_size(work.size)
     if factor > 1:
         return work.reduce(factor)
-    return work if size == work.size else work.resize(size, Image.BILINEAR, reducing_gap=2.0)
+    return work if size == work.size else work.resize(size, Image.BILINEAR, reducing_gap=THUMBNAIL_GAP)
 
 
 def face_check(found: Found, turn: int, view_size: tuple[int, int], image_size: tuple[int, int],

@@ -26,6 +26,7 @@ THUMB_QUALITY = 80  # their JPEG quality
 # A resize to under a third of the size first averages blocks by a whole factor (Pillow's reducing_gap),
 # which Pillow documents as indistinguishable from resampling the whole: a phone's photo in a tenth of the time.
 REDUCING_GAP = 3.0
+THUMBNAIL_GAP = 2.0  # Image.thumbnail's own reducing_gap: shrink as thumbnail() does, without its copy
 
 ImageSource = Union[bytes, bytearray, str, Path, np.ndarray, Image.Image, dict]
 
@@ -130,6 +131,11 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """`image` itself when it is RGB already, else an RGB copy: for code that reads pixels and changes none."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply EXIF orientation and convert any mode to RGB; transparency is composited on white."""
     image = ImageOps.exif_transpose(image)
@@ -141,7 +147,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return image.convert("RGB") if image.mode != "RGB" else image
+    return as_rgb(image)
 
 
 def content_hash(image: Image.Image | np.ndarray) -> str:
